@@ -1,0 +1,398 @@
+"""
+Data for nanoMPP: images, videos, the chat template with Qwen's loss mask, and the dataset.
+
+Reproduces the input side of MiniGPT4Qwen / MPP-Qwen-Next: BLIP-2 image preprocessing, the
+`<Img><ImageHere></Img>` placeholder whose `<ImageHere>` becomes num_query_tokens copies of
+`<|extra_0|>`, videos as up to 32 frames sampled at a fixed interval, and ChatML with the loss mask
+of Qwen's finetune recipe. Reads MiniGPT4Qwen JSON rows and LLaVA `conversations` rows.
+Image preprocessing lives here rather than in vit.py so that model files import with torch alone:
+Pillow and PyAV are data concerns.
+
+Truncation policy: a sequence longer than max_len is cut at max_len, but only after the turn that
+holds its last image (so every image token, `</Img>` and the closing `<|im_end|>` survive). A row
+whose images do not fit that way is dropped when the dataset is built, with one warning giving the
+count; it is never silently misaligned. Malformed rows raise an error naming the file and the row,
+or with skip_bad=True are skipped with one counted warning.
+"""
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's (CLIP's) normalisation
+STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_IMAGE_PIXELS = 64_000_000  # ~8000x8000; bigger files are refused before any decoding
+IMAGE_PLACEHOLDER = "<Img><ImageHere></Img>"
+IMAGE_HERE = "<ImageHere>"
+IMAGE_TOKEN = "<|extra_0|>"
+SYSTEM = "You are a helpful assistant."
+ROLES = ("system", "user", "assistant")
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def _check_path(path, what):
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} path is a directory: {path}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB. Transparency is composited over white (a plain convert would show
+    the colour hidden under alpha 0); 16-bit grey is scaled to 8 bits (convert would clip at 255)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.clip(np.asarray(img, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path):
+    """Open an image file as RGB with its EXIF orientation applied; errors name the file."""
+    path = os.fspath(path)
+    _check_path(path, "image")
+    too_large = f"image too large (decompression bomb?): {path}"
+    try:
+        with warnings.catch_warnings():  # Pillow only warns between its limit and twice it
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image file (unrecognised format): {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{too_large} ({e})") from None
+    with img:  # Image.open read only the header: refuse huge images before decoding them
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{too_large} is {img.width}x{img.height}, more than "
+                             f"data.MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS} pixels")
+        try:
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
+        except (OSError, SyntaxError, EOFError) as e:
+            raise ValueError(f"truncated or corrupt image file: {path} ({e})") from None
+
+
+def _uniform(lo, hi, generator):
+    return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+
+def _random_crop_box(w, h, generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box: area fraction in `scale`, log-uniform aspect ratio,
+    10 tries, then a centre crop clamped to `ratio`."""
+    for _ in range(10):
+        area = w * h * _uniform(*scale, generator)
+        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), generator))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x = torch.randint(0, w - cw + 1, (), generator=generator).item()
+            y = torch.randint(0, h - ch + 1, (), generator=generator).item()
+            return x, y, x + cw, y + ch
+    cw, ch = w, h
+    if w / h < ratio[0]:
+        ch = round(w / ratio[0])
+    elif w / h > ratio[1]:
+        cw = round(h * ratio[1])
+    x, y = (w - cw) // 2, (h - ch) // 2
+    return x, y, x + cw, y + ch
+
+
+def preprocess(img, size, train=False, generator=None):
+    """PIL image -> normalised FloatTensor[3, size, size]. Eval: bicubic resize of the whole image
+    (aspect not kept, as BLIP-2). Train: random resized crop (scale 0.5-1) and a horizontal flip
+    with p=0.5, drawn from `generator` or torch's global RNG (so torch.manual_seed controls it)."""
+    img = to_rgb(img)
+    box = _random_crop_box(*img.size, generator) if train else (0, 0, *img.size)
+    img = img.resize((size, size), Image.BICUBIC, box=box)
+    if train and torch.rand((), generator=generator).item() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+# --- videos -------------------------------------------------------------------------------------
+
+
+def _open_video(path):
+    import av
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot read video file: {path} ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"no video stream in file: {path}")
+    return container
+
+
+def count_video_packets(path):
+    """Cheap frame-count estimate (demux only, no decoding), used to validate rows up front."""
+    import av
+    _check_path(path, "video")
+    with _open_video(path) as c:
+        try:
+            return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+        except av.error.FFmpegError as e:
+            raise ValueError(f"cannot read video file: {path} ({e})") from None
+
+
+def load_video(path, max_frames=32):
+    """Decode up to max_frames RGB frames at a fixed interval max(1, total // max_frames), as
+    MiniGPT4Qwen does. Two decoding passes: containers often omit or misreport the frame count,
+    and keeping every decoded frame to count them would hold a whole video in memory."""
+    import av
+    path = os.fspath(path)
+    _check_path(path, "video")
+    try:
+        with _open_video(path) as c:
+            total = sum(1 for _ in c.decode(video=0))
+        keep = set(range(0, total, max(1, total // max_frames))[:max_frames])
+        frames = []
+        with _open_video(path) as c:
+            for i, frame in enumerate(c.decode(video=0)):
+                if i in keep:
+                    frames.append(frame.to_image())
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot decode video file: {path} ({e})") from None
+    if not frames:
+        raise ValueError(f"video has no decodable frames: {path}")
+    return frames
+
+# --- chat template and loss mask ----------------------------------------------------------------
+
+
+def _turn(t):
+    role, text = (t["role"], t["content"]) if isinstance(t, dict) else t
+    if role not in ROLES or not isinstance(text, str):
+        raise ValueError(f"a turn must be (role in {ROLES}, str), got {t!r}")
+    return role, text
+
+
+def _encode(tok, turns, num_query_tokens, n_frames=None, template="chatml", system=SYSTEM):
+    """encode_conversation, plus media_end: the index just past the turn holding the last image
+    token (0 if none), the earliest place a truncation may cut."""
+    enc = lambda s: tok.encode(s, allowed_special="none")  # user text never becomes control tokens
+    image_id = tok.token_id(IMAGE_TOKEN)
+    ids, labels, media_end = [], [], 0
+
+    def add(part, supervised):
+        ids.extend(part)
+        labels.extend(part if supervised else [-100] * len(part))
+
+    def content(role, text):
+        if role != "user":  # placeholders are only expanded where the data puts images
+            return enc(text)
+        if n_frames is not None:
+            text = text.replace(IMAGE_PLACEHOLDER, "<Img>" + IMAGE_HERE * n_frames + "</Img>")
+        out = []
+        for k, piece in enumerate(text.split(IMAGE_HERE)):
+            out += [image_id] * (num_query_tokens if k else 0) + enc(piece)
+        return out
+
+    turns = [_turn(t) for t in turns]
+    if template == "chatml":
+        if system is not None and (not turns or turns[0][0] != "system"):
+            turns = [("system", system)] + turns
+        start, end, nl = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>"), enc("\n")
+        for role, text in turns:
+            body = content(role, text)
+            add([start], True)  # Qwen's recipe supervises every turn's boundary tokens
+            add(enc(role) + nl, False)
+            add(body, role == "assistant")
+            add([end] + nl, True)
+            media_end = len(ids) if image_id in body else media_end
+        if turns and turns[-1][0] == "user":  # a prompt for generation: open the assistant turn
+            add([start] + enc("assistant") + nl, False)
+    elif template == "phi":
+        # TinyGPT-V (MiniGPT-v2 style) prompt "[INST] {question} [/INST]" and answer. TinyGPT-V ends
+        # answers with "###"; we end them with Phi-2's own <|endoftext|>, one id to stop on.
+        eos = tok.token_id("<|endoftext|>")
+        for role, text in turns:
+            if role == "assistant":
+                add(enc(" " + text) + [eos], True)
+                continue
+            body = content(role, f"[INST] {text} [/INST]" if role == "user" else text + "\n")
+            add(body, False)
+            media_end = len(ids) if image_id in body else media_end
+    else:
+        raise ValueError(f"template must be 'chatml' or 'phi', got {template!r}")
+    return ids, labels, media_end
+
+
+def encode_conversation(tok, turns, num_query_tokens, n_frames=None, template="chatml", system=SYSTEM):
+    """turns: [(role, text)] or [{"role", "content"}], roles system/user/assistant. Returns
+    (input_ids, labels), labels aligned with input_ids (not shifted), -100 where unsupervised.
+    ChatML mask (Qwen's finetune recipe): every turn keeps <|im_start|> and its closing
+    <|im_end|> \\n; system and user text (role word included) are -100; in assistant turns the
+    role word and its \\n are -100 and the content is kept. `<ImageHere>` in user text becomes
+    num_query_tokens image tokens; with n_frames (a video) each `<Img><ImageHere></Img>` first
+    becomes `<Img>` + `<ImageHere>` x n_frames + `</Img>`. `system` is prepended unless the turns
+    start with one (None: no system turn). A conversation ending with a user turn gets the
+    assistant header appended, ready for generation."""
+    ids, labels, _ = _encode(tok, turns, num_query_tokens, n_frames, template, system)
+    return ids, labels
+
+# --- dataset ------------------------------------------------------------------------------------
+
+
+def _read_rows(json_path):
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            if str(json_path).endswith(".jsonl"):
+                return [json.loads(line) for line in f if line.strip()]
+            rows = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path}: invalid JSON ({e})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{json_path}: expected a JSON list of rows, got {type(rows).__name__}")
+    return rows
+
+
+def _str_list(x):
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(s, str) for s in x)
+
+
+def parse_row(row, image_root):
+    """One JSON row -> dict(turns, media (paths), video (bool), task); ValueError says what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    if "conversations" in row:  # LLaVA
+        conv = row["conversations"]
+        if not isinstance(conv, list) or not conv:
+            raise ValueError("'conversations' must be a non-empty list")
+        turns = []
+        for j, t in enumerate(conv):
+            if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+                raise ValueError(f"conversations[{j}] must be an object with a string 'value'")
+            role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                    "system": "system"}.get(t.get("from"))
+            if role is None:
+                raise ValueError(f"conversations[{j}]: unknown 'from' {t.get('from')!r}")
+            text = t["value"].replace("<image>", IMAGE_PLACEHOLDER).replace("<video>", IMAGE_PLACEHOLDER)
+            turns.append((role, text))
+    else:  # MiniGPT4Qwen
+        missing = [k for k in ("instruction", "output") if k not in row]
+        if missing:
+            raise ValueError(f"missing key {missing[0]!r} (need 'instruction' and 'output', "
+                             "or LLaVA 'conversations')")
+        ins, out = row["instruction"], row["output"]
+        if isinstance(ins, str) and isinstance(out, str):
+            ins, out = [ins], [out]
+        elif not (_str_list(ins) and _str_list(out)):
+            raise ValueError("'instruction' and 'output' must both be strings or both be "
+                             "non-empty lists of strings")
+        if len(ins) != len(out):
+            raise ValueError(f"'instruction' has {len(ins)} turns but 'output' has {len(out)}")
+        turns = [t for pair in zip(ins, out) for t in (("user", pair[0]), ("assistant", pair[1]))]
+    if not any(role == "assistant" for role, _ in turns):
+        raise ValueError("no assistant turn: nothing to learn from")
+    if "image" in row and "video" in row:
+        raise ValueError("a row has 'image' or 'video', not both")
+    media, video = row.get("image", row.get("video", [])), "video" in row
+    if isinstance(media, str):
+        media = [media]
+    if not (media == [] or _str_list(media)) or (video and len(media) != 1):
+        raise ValueError(f"'image' must be a path or a list of paths, 'video' one path; got {media!r}")
+    media = [os.path.join(image_root, m) for m in media]
+    for m in media:
+        if not os.path.isfile(m):
+            raise ValueError(f"{'video' if video else 'image'} file not found: {m}")
+    wrong = [role for role, text in turns if role != "user" and IMAGE_HERE in text]
+    if wrong:
+        raise ValueError(f"image placeholder in a {wrong[0]} turn; placeholders go in user turns")
+    n_here = sum(text.count(IMAGE_HERE) for _, text in turns)
+    if video and (n_here != 1 or sum(t.count(IMAGE_PLACEHOLDER) for _, t in turns) != 1):
+        raise ValueError(f"a video row needs exactly one {IMAGE_PLACEHOLDER}, found {n_here} {IMAGE_HERE}")
+    if not video and n_here != len(media):
+        raise ValueError(f"{n_here} image placeholders but {len(media)} images")
+    if "task" in row and not isinstance(row["task"], str):
+        raise ValueError(f"'task' must be a string, got {row['task']!r}")
+    return dict(turns=turns, media=media, video=video, task=row.get("task"))
+
+
+class VLDataset(torch.utils.data.Dataset):
+    """Rows are validated (structure, files exist, placeholder counts, fit in max_len) when the
+    dataset is built; images and videos are loaded in __getitem__. Item: dict(input_ids
+    LongTensor[T], labels LongTensor[T], images FloatTensor[n,3,S,S], task str if the row has one).
+    `samples` holds the parsed rows (turns, media paths), e.g. to build prompts for evaluation."""
+
+    def __init__(self, json_path, image_root, tok, num_query_tokens, image_size, max_len,
+                 train=False, skip_bad=False, max_frames=32, template="chatml"):
+        self.json_path, self.tok, self.nq, self.image_size = str(json_path), tok, num_query_tokens, image_size
+        self.max_len, self.train, self.max_frames, self.template = max_len, train, max_frames, template
+        self.samples, self.bad, self.too_long = [], [], []
+        for i, row in enumerate(_read_rows(json_path)):
+            try:
+                s = parse_row(row, image_root)
+                # a video's packet count predicts its frames; __getitem__ re-checks the real count
+                s["n_frames"] = min(max_frames, count_video_packets(s["media"][0])) if s["video"] else None
+                if s["n_frames"] == 0:
+                    raise ValueError(f"video has no frames: {s['media'][0]}")
+            except ValueError as e:
+                if not skip_bad:
+                    raise ValueError(f"{json_path} row {i}: {e}") from None
+                self.bad.append((i, str(e)))
+                continue
+            s["row"] = i
+            ids, _, media_end = _encode(tok, s["turns"], num_query_tokens, s["n_frames"], template)
+            if len(ids) > max_len and media_end > max_len:
+                self.too_long.append(i)
+                continue
+            self.samples.append(s)
+        if self.bad:
+            i, why = self.bad[0]
+            warnings.warn(f"{json_path}: skipped {len(self.bad)} malformed rows (first: row {i}: {why})")
+        if self.too_long:
+            warnings.warn(f"{json_path}: dropped {len(self.too_long)} rows whose images do not fit "
+                          f"max_len={max_len} (first: row {self.too_long[0]})")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, k):
+        s = self.samples[k]
+        where = f"{self.json_path} row {s['row']}"
+        try:
+            frames = (load_video(s["media"][0], self.max_frames) if s["video"]
+                      else [load_image(p) for p in s["media"]])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        n_frames = len(frames) if s["video"] else None
+        ids, labels, media_end = _encode(self.tok, s["turns"], self.nq, n_frames, self.template)
+        if len(ids) > self.max_len:
+            if media_end > self.max_len:
+                raise ValueError(f"{where}: the video decoded to {n_frames} frames, more than its "
+                                 f"packets predicted, and no longer fits max_len={self.max_len}")
+            ids, labels = ids[:self.max_len], labels[:self.max_len]
+        size = self.image_size
+        images = [preprocess(f, size, self.train) for f in frames]
+        item = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+                    images=torch.stack(images) if images else torch.zeros(0, 3, size, size))
+        if s["task"] is not None:
+            item["task"] = s["task"]
+        return item
+
+
+def collate(samples, pad_id, fixed_len=None):
+    """Right-pad a list of items into a batch: dynamic length (the longest sample) by default,
+    or fixed_len for static shapes (the pipeline). Padding: pad_id, label -100, attention 0.
+    Images are concatenated sample by sample, each in placeholder order. `task` (a list) is
+    passed through when the items have one."""
+    lens = [len(s["input_ids"]) for s in samples]
+    T = fixed_len or max(lens)
+    if max(lens) > T:
+        raise ValueError(f"a sample has {max(lens)} tokens, more than fixed_len={T}")
+    input_ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), T), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), T), dtype=torch.long)
+    for b, (s, n) in enumerate(zip(samples, lens)):
+        input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s["input_ids"], s["labels"], 1
+    batch = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                 images=torch.cat([s["images"] for s in samples]))
+    if any("task" in s for s in samples):
+        batch["task"] = [s.get("task") for s in samples]
+    return batch
