@@ -251,8 +251,341 @@ def load_checkpoint(d):
 
 
 # --- llm ---
+# Rename tables: (regex over the source key, our key or a split). One table per checkpoint family.
+
+QWEN2_RULES = [(r"model\.(.*)", r"\1"), (r"lm_head\.weight", "lm_head.weight")]
+QWEN2_IGNORE = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]  # older exports save it
+
+_H = r"transformer\.h\.(\d+)\."
+QWEN1_RULES = [
+    (r"transformer\.wte\.weight", "embed_tokens.weight"),
+    (_H + r"ln_1\.weight", r"layers.\1.input_layernorm.weight"),
+    (_H + r"attn\.c_attn\.(weight|bias)",  # fused [q; k; v]
+     split(r"layers.\1.self_attn.q_proj.\2", r"layers.\1.self_attn.k_proj.\2", r"layers.\1.self_attn.v_proj.\2")),
+    (_H + r"attn\.c_proj\.weight", r"layers.\1.self_attn.o_proj.weight"),
+    (_H + r"ln_2\.weight", r"layers.\1.post_attention_layernorm.weight"),
+    (_H + r"mlp\.w1\.weight", r"layers.\1.mlp.up_proj.weight"),
+    (_H + r"mlp\.w2\.weight", r"layers.\1.mlp.gate_proj.weight"),  # w2 is the silu-gated branch
+    (_H + r"mlp\.c_proj\.weight", r"layers.\1.mlp.down_proj.weight"),
+    (r"transformer\.ln_f\.weight", "norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+QWEN1_IGNORE = [r"transformer\.rotary_emb\.inv_freq"]
+
+
+def split_per_head(n_head, *targets):
+    """TinyGPT-V's query_key_value: rows laid out [head, (q|k|v), head_dim], not [q; k; v]."""
+    def fn(match, t):
+        t = t.view(n_head, len(targets), -1, *t.shape[1:])
+        return {match.expand(name): t[:, i].reshape(-1, *t.shape[3:]) for i, name in enumerate(targets)}
+    return fn
+
+
+def phi_rules(n_head):
+    return [
+        (r"model\.final_layernorm\.(weight|bias)", r"norm.\1"),
+        (r"model\.layers\.(\d+)\.self_attn\.query_key_value\.(weight|bias)",
+         split_per_head(n_head, *(rf"layers.\1.self_attn.{p}_proj.\2" for p in "qkv"))),
+        (r"model\.(.*)", r"\1"),
+        (r"lm_head\.(weight|bias)", r"lm_head.\1"),
+    ]
+
+
+PHI_IGNORE = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+
+
+def _rope_theta(hf, default):
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise CheckpointError(f"rope scaling {kind!r} is not implemented")
+    return float(hf.get("rope_theta") or rope.get("rope_theta") or default)
+
+
+def qwen2_config(hf):
+    from qwen import QwenConfig
+    return QwenConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                      n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                      intermediate_size=hf["intermediate_size"], rope_theta=_rope_theta(hf, 10000.0),
+                      max_seq_len=hf["max_position_embeddings"], tie_embeddings=hf.get("tie_word_embeddings", False),
+                      version="qwen2", rms_eps=hf.get("rms_norm_eps", 1e-6))
+
+
+def qwen1_config(hf):
+    from qwen import QwenConfig
+    if hf.get("rotary_pct", 1.0) != 1.0 or not hf.get("use_dynamic_ntk", True) or not hf.get("use_logn_attn", True):
+        raise CheckpointError("Qwen v1 config: only rotary_pct=1 with dynamic NTK and log-n attention is implemented")
+    return QwenConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                      n_kv_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                      intermediate_size=hf["intermediate_size"] // 2,  # v1 states w1 + w2 together
+                      rope_theta=float(hf.get("rotary_emb_base", 10000)), max_seq_len=hf["seq_length"],
+                      tie_embeddings=False, version="qwen1", rms_eps=hf.get("layer_norm_epsilon", 1e-6))
+
+
+def phi_config(hf):
+    from phi import PhiConfig
+    if hf.get("hidden_act", "gelu_new") != "gelu_new":
+        raise CheckpointError(f"Phi config: hidden_act {hf['hidden_act']!r} is not implemented (gelu_new only)")
+    rope = hf.get("rope_parameters") or {}
+    return PhiConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                     n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                     intermediate_size=hf["intermediate_size"], rope_theta=_rope_theta(hf, 10000.0),
+                     partial_rotary_factor=hf.get("partial_rotary_factor") or rope.get("partial_rotary_factor", 0.5),
+                     max_seq_len=hf["max_position_embeddings"], layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+                     tinygptv=bool(hf.get("qk_layernorm", False)))
+
+
+def build_llm(arch, config, dtype=torch.float32):
+    """An LLM with no storage (meta device): load_into then adopts the checkpoint's tensors."""
+    from qwen import Qwen
+    from phi import Phi
+    with torch.device("meta"):
+        return {"qwen": Qwen, "phi": Phi}[arch](config).to(dtype)
+
+
+def llm_from_hf(src, kind, dtype=None):
+    """(model, config) from an HF directory; kind 'qwen2' | 'qwen1' | 'phi'. dtype defaults to
+    the checkpoint's."""
+    with open(os.path.join(src, "config.json")) as f:
+        hf = json.load(f)
+    state = read_state_dict(src)
+    config = {"qwen2": qwen2_config, "qwen1": qwen1_config, "phi": phi_config}[kind](hf)
+    if kind == "phi" and any(k.endswith("query_key_value.weight") for k in state):
+        config.tinygptv = True
+    rules, ignore = {"qwen2": (QWEN2_RULES, QWEN2_IGNORE), "qwen1": (QWEN1_RULES, QWEN1_IGNORE),
+                     "phi": (phi_rules(config.n_head), PHI_IGNORE)}[kind]
+    dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
+    model = build_llm("phi" if kind == "phi" else "qwen", config, dtype)
+    return load_into(model, remap(state, rules, ignore)), config
+
+
+def save_llm(d, model, config):
+    from dataclasses import asdict
+    arch = "phi" if type(model).__name__ == "Phi" else "qwen"
+    save_checkpoint(d, model, {"arch": arch, **asdict(config)})
+
+
+def load_llm(d, dtype=None):
+    """(model, config) from our checkpoint directory, memory-mapped; dtype defaults to the stored one."""
+    from qwen import QwenConfig
+    from phi import PhiConfig
+    state, cfg = load_checkpoint(d)
+    arch = cfg.pop("arch")
+    config = {"qwen": QwenConfig, "phi": PhiConfig}[arch](**cfg)
+    dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
+    return load_into(build_llm(arch, config, dtype), state), config
+
+
+def convert_qwen2(src, dst):
+    save_llm(dst, *llm_from_hf(src, "qwen2"))
+
+
+def convert_qwen1(src, dst):
+    save_llm(dst, *llm_from_hf(src, "qwen1"))
+
+
+def convert_phi(src, dst):
+    save_llm(dst, *llm_from_hf(src, "phi"))
 
 # --- vision ---
+# EVA-ViT-g (vit.py) and the BLIP-2 Q-Former (qformer.py). Our vision checkpoints hold `vit.*` and
+# `qformer.*` keys, the attribute names of MultimodalLM, with config.json {"vit": .., "qformer": ..}.
+#
+#     python convert.py eva_vit_g   eva_vit_g.pth                   out/eva_vit_g
+#     python convert.py blip2_lavis blip2_pretrained_flant5xxl.pth  out/blip2_qformer
+#     python convert.py blip2_hf    ~/hf/blip2-opt-2.7b             out/blip2
+
+# ours (vit.*) = LAVIS eva_vit_g.pth   HF Blip2VisionModel (under vision_model.)    {n} = block
+VIT_TABLE = [
+    ("cls_token",              "embeddings.class_embedding"),
+    ("pos_embed",              "embeddings.position_embedding"),
+    ("patch_embed.proj",       "embeddings.patch_embedding"),
+    ("blocks.{n}.norm1",       "encoder.layers.{n}.layer_norm1"),
+    ("blocks.{n}.attn.qkv",    "encoder.layers.{n}.self_attn.qkv"),  # weight only: bias below
+    ("blocks.{n}.attn.q_bias", None),                                 # HF: qkv.bias, _hf_qkv_bias
+    ("blocks.{n}.attn.v_bias", None),
+    ("blocks.{n}.attn.proj",   "encoder.layers.{n}.self_attn.projection"),
+    ("blocks.{n}.norm2",       "encoder.layers.{n}.layer_norm2"),
+    ("blocks.{n}.mlp.fc1",     "encoder.layers.{n}.mlp.fc1"),
+    ("blocks.{n}.mlp.fc2",     "encoder.layers.{n}.mlp.fc2"),
+]
+
+# ours (qformer.*)               LAVIS (under Qformer.bert.)                 HF (under qformer.)
+QFORMER_TABLE = [
+    ("norm",                     "embeddings.LayerNorm",                     "layernorm"),
+    ("layers.{n}.self_attn.query", "encoder.layer.{n}.attention.self.query",  "encoder.layer.{n}.attention.attention.query"),
+    ("layers.{n}.self_attn.key",   "encoder.layer.{n}.attention.self.key",    "encoder.layer.{n}.attention.attention.key"),
+    ("layers.{n}.self_attn.value", "encoder.layer.{n}.attention.self.value",  "encoder.layer.{n}.attention.attention.value"),
+    ("layers.{n}.self_attn.dense", "encoder.layer.{n}.attention.output.dense", "encoder.layer.{n}.attention.output.dense"),
+    ("layers.{n}.self_attn.norm",  "encoder.layer.{n}.attention.output.LayerNorm", "encoder.layer.{n}.attention.output.LayerNorm"),
+    ("layers.{n}.cross_attn.query", "encoder.layer.{n}.crossattention.self.query", "encoder.layer.{n}.crossattention.attention.query"),
+    ("layers.{n}.cross_attn.key",   "encoder.layer.{n}.crossattention.self.key",   "encoder.layer.{n}.crossattention.attention.key"),
+    ("layers.{n}.cross_attn.value", "encoder.layer.{n}.crossattention.self.value", "encoder.layer.{n}.crossattention.attention.value"),
+    ("layers.{n}.cross_attn.dense", "encoder.layer.{n}.crossattention.output.dense", "encoder.layer.{n}.crossattention.output.dense"),
+    ("layers.{n}.cross_attn.norm",  "encoder.layer.{n}.crossattention.output.LayerNorm", "encoder.layer.{n}.crossattention.output.LayerNorm"),
+    ("layers.{n}.mlp.fc1",       "encoder.layer.{n}.intermediate_query.dense", "encoder.layer.{n}.intermediate_query.dense"),
+    ("layers.{n}.mlp.fc2",       "encoder.layer.{n}.output_query.dense",     "encoder.layer.{n}.output_query.dense"),
+    ("layers.{n}.mlp.norm",      "encoder.layer.{n}.output_query.LayerNorm", "encoder.layer.{n}.output_query.LayerNorm"),
+]
+
+# Keys of BLIP-2 checkpoints that the query path never reads (BERT text path, LM projections,
+# stage-1 contrastive/matching heads); anything else unknown is an error.
+BLIP2_LAVIS_UNUSED = [
+    r"Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\..*",
+    r"Qformer\.bert\.embeddings\.position_ids",
+    r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..*",  # text FFN
+    r"Qformer\.cls\..*",                                              # MLM head
+    r"(t5_proj|opt_proj|llm_proj|vision_proj|text_proj|itm_head)\..*", r"temp",
+]
+BLIP2_HF_UNUSED = [
+    r"(language_projection|language_model)\..*",
+    r"qformer\.embeddings\..*", r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\..*",
+    r"(vision_projection|text_projection|itm_head)\..*",
+]
+
+
+def _table_rules(table, src_col, src_prefix, dst_prefix):
+    """Regex rules from one column of a rename table: whole parameters, or modules' weight/bias."""
+    rules = []
+    for row in table:
+        if row[src_col] is None:
+            continue
+        pattern = re.escape(src_prefix + row[src_col]).replace(r"\{n\}", r"(?P<n>\d+)")
+        target = dst_prefix + row[0].replace("{n}", r"\g<n>")
+        rules.append((pattern + r"(?P<leaf>\.weight|\.bias|)", target + r"\g<leaf>"))
+    return rules
+
+
+def _hf_qkv_bias(match, t):
+    # HF fuses cat(q_bias, k_bias, v_bias). EVA has no key bias: its slot is zeros in converted
+    # checkpoints, and is dropped even if not, because softmax ignores the constant q.k_bias shift.
+    q, _, v = t.chunk(3)
+    n = match.group("n")
+    return {f"vit.blocks.{n}.attn.q_bias": q, f"vit.blocks.{n}.attn.v_bias": v}
+
+
+def _drop_last_block(src, prefix, depth):
+    # BLIP-2 runs blocks 0..depth-1 of the depth+1 in eva_vit_g.pth and uses that output ("the
+    # second-last layer"): the last block is dropped here by name, never by a non-strict load.
+    return {k: v for k, v in src.items() if not k.startswith(f"{prefix}blocks.{depth}.")}
+
+
+def vision_state(src, kind, vit_config=None):
+    """Rename a public vision checkpoint to our `vit.*` / `qformer.*` keys.
+
+    kind: 'eva_vit_g' (LAVIS flat file), 'blip2_lavis' (LAVIS BLIP-2: Q-Former, ln_vision, queries,
+    and the ViT if present), 'blip2_hf' (HF Blip2Model / Blip2ForConditionalGeneration). The ViT
+    keeps vit_config.depth blocks (default: the eva_vit_g preset, 39) and its pos_embed is resized
+    to vit_config.img_size. Raises CheckpointError on any key neither renamed nor listed as unused.
+    """
+    from vit import ViTConfig
+    vit_config = vit_config or ViTConfig.preset("eva_vit_g")
+    if kind == "eva_vit_g":
+        out = remap(_drop_last_block(src, "", vit_config.depth), _table_rules(VIT_TABLE, 0, "", "vit."))
+    elif kind == "blip2_lavis":
+        rules = (_table_rules(VIT_TABLE, 0, "visual_encoder.", "vit.")
+                 + _table_rules(QFORMER_TABLE, 1, "Qformer.bert.", "qformer.")
+                 + [(r"query_tokens|ln_vision\.(weight|bias)", r"qformer.\g<0>")])
+        out = remap(_drop_last_block(src, "visual_encoder.", vit_config.depth), rules, BLIP2_LAVIS_UNUSED)
+    elif kind == "blip2_hf":
+        rules = ([(r"vision_model\.encoder\.layers\.(?P<n>\d+)\.self_attn\.qkv\.bias", _hf_qkv_bias)]
+                 + _table_rules(VIT_TABLE, 1, "vision_model.", "vit.")
+                 + _table_rules(QFORMER_TABLE, 2, "qformer.", "qformer.")
+                 + [(r"vision_model\.post_layernorm\.(weight|bias)", r"qformer.ln_vision.\1"),
+                    (r"query_tokens", "qformer.query_tokens")])
+        out = remap(src, rules, BLIP2_HF_UNUSED)
+    else:
+        raise ValueError(f"unknown vision checkpoint kind {kind!r}")
+    if "vit.pos_embed" in out:
+        from vit import interpolate_pos_embed
+        out["vit.pos_embed"] = interpolate_pos_embed(out["vit.pos_embed"], vit_config.grid)
+    return out
+
+
+def _vision_module(vit_config, qformer_config):
+    """A meta-device container named like MultimodalLM (`vit`, `qformer`) to check and save weights."""
+    from vit import EVAViT
+    from qformer import QFormer
+    module = torch.nn.Module()
+    with torch.device("meta"):
+        if vit_config:
+            module.vit = EVAViT(vit_config)
+        if qformer_config:
+            module.qformer = QFormer(qformer_config)
+    return module
+
+
+def _save_vision(dst, state, vit_config, qformer_config):
+    from dataclasses import asdict
+    module = _vision_module(vit_config, qformer_config)
+    dtypes = {t.dtype for t in state.values()}
+    module.to(dtypes.pop() if len(dtypes) == 1 else torch.float32)  # an all-fp16 file stays fp16
+    load_into(module, state)
+    save_checkpoint(dst, module, {name: asdict(c) for name, c in (("vit", vit_config), ("qformer", qformer_config)) if c})
+    print(f"{len(state)} tensors, {sum(t.numel() for t in state.values()) / 1e6:.1f}M parameters")
+
+
+def _hf_vision_configs(src):
+    """ViTConfig, QFormerConfig from an HF Blip2 config.json (HF's defaults are BLIP-2's, as ours)."""
+    from vit import ViTConfig
+    from qformer import QFormerConfig
+    path = os.path.join(src, "config.json")
+    cfg = {}
+    if os.path.isdir(src) and os.path.exists(path):
+        with open(path) as f:
+            cfg = json.load(f)
+    v, q = cfg.get("vision_config", {}), cfg.get("qformer_config", {})
+    for name, sub in (("vision_config", v), ("qformer_config", q)):
+        if sub.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"{path}: {name}.hidden_act {sub['hidden_act']!r}, expected exact 'gelu'")
+    vit = ViTConfig.preset("eva_vit_g", **{ours: v[hf] for ours, hf in (
+        ("img_size", "image_size"), ("patch_size", "patch_size"), ("width", "hidden_size"),
+        ("depth", "num_hidden_layers"), ("n_head", "num_attention_heads"), ("mlp_dim", "intermediate_size")) if hf in v})
+    qformer = QFormerConfig.preset("blip2", encoder_width=vit.width, **{ours: src_cfg[hf] for ours, hf, src_cfg in (
+        ("hidden", "hidden_size", q), ("n_layer", "num_hidden_layers", q), ("n_head", "num_attention_heads", q),
+        ("ffn", "intermediate_size", q), ("cross_every", "cross_attention_frequency", q),
+        ("num_query", "num_query_tokens", cfg)) if hf in src_cfg})
+    return vit, qformer
+
+
+def convert_eva_vit_g(src, dst, vit_config=None):
+    """LAVIS eva_vit_g.pth -> our checkpoint with `vit.*` (default config: the eva_vit_g preset)."""
+    from vit import ViTConfig
+    vit_config = vit_config or ViTConfig.preset("eva_vit_g")
+    _save_vision(dst, vision_state(read_state_dict(src), "eva_vit_g", vit_config), vit_config, None)
+
+
+def convert_blip2_lavis(src, dst, vit_config=None, qformer_config=None):
+    """LAVIS BLIP-2 .pth -> `qformer.*` (+ `vit.*` if the file holds the ViT); default presets."""
+    from vit import ViTConfig
+    from qformer import QFormerConfig
+    vit_config = vit_config or ViTConfig.preset("eva_vit_g")
+    state = vision_state(read_state_dict(src), "blip2_lavis", vit_config)
+    has_vit = any(k.startswith("vit.") for k in state)
+    _save_vision(dst, state, vit_config if has_vit else None, qformer_config or QFormerConfig.preset("blip2"))
+
+
+def convert_blip2_hf(src, dst):
+    """HF Blip2 checkpoint directory (or weights file, then default shapes) -> `vit.*` + `qformer.*`."""
+    vit_config, qformer_config = _hf_vision_configs(src)
+    _save_vision(dst, vision_state(read_state_dict(src), "blip2_hf", vit_config), vit_config, qformer_config)
+
+
+def load_vision(model, d):
+    """Load a converted vision checkpoint into `model.vit` and/or `model.qformer` (whichever the
+    checkpoint holds), resizing pos_embed to model.vit's image size. Returns its config dict."""
+    from vit import interpolate_pos_embed
+    state, config = load_checkpoint(d)
+    stray = [k for k in state if k.split(".")[0] not in ("vit", "qformer")]
+    if stray:
+        raise CheckpointError(f"{d}: not a vision checkpoint, unexpected keys: {_few(stray)}")
+    for name in ("vit", "qformer"):
+        part = {k[len(name) + 1:]: t for k, t in state.items() if k.startswith(name + ".")}
+        if name == "vit" and "pos_embed" in part:
+            part["pos_embed"] = interpolate_pos_embed(part["pos_embed"], model.vit.config.grid)
+        if part:
+            load_into(getattr(model, name), part)
+    return config
 
 
 if __name__ == "__main__":  # every convert_<kind>(src, dst) above is a CLI kind

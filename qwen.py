@@ -1,0 +1,337 @@
+"""
+The Qwen family of decoders in one file: Qwen v1 (Qwen-7B-Chat, Qwen-14B-Chat) and
+Qwen1.5 / Qwen2 / Qwen2.5 (HF `Qwen2ForCausalLM`).
+
+Both are pre-norm RMSNorm decoders with rotary attention (q/k/v with bias, output without) and a
+SwiGLU MLP. v1 fuses q/k/v into one `c_attn` on disk (convert.py splits it) and, at inference
+beyond its training length `seq_length`, stretches rotary with dynamic NTK and scales queries by
+log-n (Qwen's own code). Qwen2 adds grouped-query attention and, for small sizes, tied embeddings.
+
+Parameter names follow HF Qwen2, so a Qwen2 checkpoint loads by stripping `model.`.
+The shared pieces (Rotary, KVCache, the mask/position logic and the `DecoderLM` top) are reused by
+phi.py.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()  # the statistics in fp32, as both Qwen versions do
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def ntk_alpha(length, seq_length):
+    """Qwen v1 dynamic-NTK factor for a sequence of `length` tokens (1 within seq_length)."""
+    return max(2 ** math.ceil(math.log2(length / seq_length) + 1) - 1, 1)
+
+
+class Rotary:
+    """Rotate-half RoPE over the first `dim` channels of each head. Angles are computed in fp32
+    (position * inv_freq, as HF does) and cached for positions 0..n-1; a dynamic-NTK `alpha`
+    stretches the base (base * alpha^(dim/(dim-2)))."""
+
+    def __init__(self, dim, theta):
+        self.dim, self.theta = dim, theta
+        self._tables = {}  # device -> (cos, sin) fp32 [n, dim]
+
+    def inv_freq(self, alpha=1.0, device=None):
+        base = self.theta * alpha ** (self.dim / (self.dim - 2))
+        return 1.0 / base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim)
+
+    def _table(self, n, device):
+        cos, _ = self._tables.get(device, (None, None))
+        if cos is None or cos.shape[0] < n:
+            n = max(n, 2 * (0 if cos is None else cos.shape[0]), 256)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), self.inv_freq(device=device))
+            emb = torch.cat((freqs, freqs), -1)
+            self._tables[device] = (emb.cos(), emb.sin())
+        return self._tables[device]
+
+    def __call__(self, position_ids, dtype, alpha=None):
+        """cos, sin [B, 1, T, dim] for position_ids [B, T]; alpha [B] = per-row NTK factors."""
+        if alpha is None:
+            cos, sin = self._table(int(position_ids.max()) + 1, position_ids.device)
+            cos, sin = cos[position_ids], sin[position_ids]
+        else:
+            inv = torch.stack([self.inv_freq(float(a), position_ids.device) for a in alpha])  # [B, dim/2]
+            freqs = position_ids.float()[:, :, None] * inv[:, None, :]
+            emb = torch.cat((freqs, freqs), -1)
+            cos, sin = emb.cos(), emb.sin()
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, head_dim]; rotates the first cos.shape[-1] channels, passes the rest (Phi)."""
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+class KVCache:
+    """Keys/values of every layer, allocated once: [n_layer, B, n_kv_head, max_len, head_dim].
+    Each forward writes its T new positions at `len` and the model then advances `len`."""
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        self.k = torch.zeros(n_layer, batch_size, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0
+        self.ntk_alpha = None  # Qwen v1 fixes the NTK factor at prefill, as its own code does
+
+    def update(self, layer, k, v):
+        end = self.len + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.k.shape[3]} allocated")
+        self.k[layer, :, :, self.len:end] = k
+        self.v[layer, :, :, self.len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+@dataclass
+class Ctx:
+    """What every block of one forward needs."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # bool [B, 1, T, L]; None = plain causal (nothing to mask if T == 1)
+    logn: torch.Tensor | None  # Qwen v1 query scale [B, 1, T, 1] beyond seq_length at inference
+    cache: KVCache | None
+
+
+def attend(q, k, v, ctx, layer):
+    """Append k/v to the cache (if any) and run scaled_dot_product_attention; GQA heads shared."""
+    if ctx.cache is not None:
+        k, v = ctx.cache.update(layer, k, v)
+    causal = ctx.mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+class DecoderLM(nn.Module):
+    """The top of a decoder-only LM, shared by Qwen and Phi. Subclasses build `embed_tokens`,
+    `layers`, `norm`, `lm_head`, `rotary`, and set `ntk_len` (Qwen v1's seq_length) or None."""
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def _ctx(self, x, position_ids, attention_mask, cache):
+        B, T, _ = x.shape
+        start = cache.len if cache is not None else 0
+        L = start + T
+        if attention_mask is not None:
+            if attention_mask.shape != (B, L):
+                raise ValueError(f"attention_mask must be [B, cached + new] = {(B, L)}, got {tuple(attention_mask.shape)}")
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing padded: take the fast causal path
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(start, L, device=x.device).expand(B, T)
+            else:  # left padding: count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        alpha, logn = None, None
+        if self.ntk_len is not None and not self.training:
+            if cache is not None and start > 0:
+                alpha = cache.ntk_alpha
+            else:
+                lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else [L] * B
+                if max(lengths) > self.ntk_len:
+                    alpha = [ntk_alpha(n, self.ntk_len) for n in lengths]
+                if cache is not None:
+                    cache.ntk_alpha = alpha
+            if int(position_ids.max()) + 1 > self.ntk_len:
+                n = position_ids.double() + 1
+                logn = torch.where(n > self.ntk_len, n.log() / math.log(self.ntk_len), 1.0)
+                logn = logn.to(x.dtype)[:, None, :, None]
+        cos, sin = self.rotary(position_ids, x.dtype, alpha)
+        mask = None
+        if attention_mask is not None or (T > 1 and start > 0):
+            q_idx = torch.arange(start, L, device=x.device)[:, None]
+            k_idx = torch.arange(L, device=x.device)
+            mask = (k_idx <= q_idx)[None, None]
+            if attention_mask is not None:
+                # a padded query attends to itself only, so no row is empty (sdpa would give NaN)
+                mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_idx == q_idx)
+        return Ctx(cos, sin, mask, logn, cache)
+
+    def forward_blocks(self, x, blocks, position_ids=None, attention_mask=None):
+        """Run `blocks` (any slice of self.layers) on hidden states x [B, T, C], without cache."""
+        ctx = self._ctx(x, position_ids, attention_mask, None)
+        for block in blocks:
+            x = block(x, ctx)
+        return x
+
+    def head(self, x):
+        return self.lm_head(self.norm(x))
+
+    def hidden(self, idx=None, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None):
+        """Final hidden states before `head`; advances the cache."""
+        x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
+        ctx = self._ctx(x, position_ids, attention_mask, cache)
+        for block in self.layers:
+            x = block(x, ctx)
+        if cache is not None:
+            cache.len += x.shape[1]
+        return x
+
+    def forward(self, idx=None, inputs_embeds=None, targets=None, position_ids=None, attention_mask=None,
+                cache=None):
+        """-> (logits [B, T, V], loss). targets are already shifted; -100 is ignored."""
+        logits = self.head(self.hidden(idx, inputs_embeds, position_ids, attention_mask, cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self, batch_size, max_len, dtype=None, device=None):
+        attn = self.layers[0].self_attn
+        p = self.embed_tokens.weight
+        return KVCache(len(self.layers), batch_size, attn.n_kv_head, max_len, attn.head_dim,
+                       dtype or p.dtype, device or p.device)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, attention_mask=None, eos_id=None):
+        """Greedy decoding with the KV cache; idx [B, T] (left-padded if attention_mask given).
+        Returns the new tokens [B, <=max_new_tokens]; stops early once every row produced eos_id."""
+        B, T = idx.shape
+        cache = self.new_cache(B, T + max_new_tokens)
+        mask = None
+        if attention_mask is not None:
+            mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+            mask[:, :T] = attention_mask
+        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        x = idx
+        for i in range(max_new_tokens):
+            m = None if mask is None else mask[:, :cache.len + x.shape[1]]
+            h = self.hidden(x, attention_mask=m, cache=cache)
+            x = self.head(h[:, -1:]).argmax(-1)  # only the last position's logits are needed
+            out[:, i] = x[:, 0]
+            if eos_id is not None:
+                done |= x[:, 0] == eos_id
+                if bool(done.all()):
+                    return out[:, :i + 1]
+        return out
+
+
+# ----------------------------------------------------------------------------- Qwen
+
+class Attention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, ctx):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.logn is not None:
+            q = q * ctx.logn
+        y = attend(q, k, v, ctx, self.layer)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); Qwen v1 calls these w2, w1, c_proj."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.rms_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class QwenConfig:
+    vocab_size: int = 151936
+    n_layer: int = 24
+    n_head: int = 14
+    n_kv_head: int = 2  # < n_head: grouped-query attention (Qwen2); v1 has n_kv_head == n_head
+    n_embd: int = 896
+    intermediate_size: int = 4864  # MLP width; Qwen v1's HF config states twice this
+    rope_theta: float = 1e6
+    max_seq_len: int = 32768  # v1: `seq_length`, beyond which dynamic NTK + log-n apply at inference
+    tie_embeddings: bool = True
+    version: str = "qwen2"  # 'qwen1' | 'qwen2' (Qwen1.5 / 2 / 2.5 share the qwen2 layout)
+    rms_eps: float = 1e-6
+
+    @staticmethod
+    def preset(name):
+        if name not in PRESETS:
+            raise ValueError(f"unknown Qwen preset {name!r}; choose from {sorted(PRESETS)}")
+        return QwenConfig(**PRESETS[name])
+
+
+_QWEN1 = dict(rope_theta=10000.0, tie_embeddings=False, version="qwen1")
+PRESETS = {
+    "qwen7b_chat": dict(_QWEN1, vocab_size=151936, n_layer=32, n_head=32, n_kv_head=32, n_embd=4096,
+                        intermediate_size=11008, max_seq_len=8192),
+    "qwen14b_chat": dict(_QWEN1, vocab_size=152064, n_layer=40, n_head=40, n_kv_head=40, n_embd=5120,
+                         intermediate_size=13696, max_seq_len=2048),
+    "qwen2.5-0.5b": dict(),
+    "qwen2.5-1.5b": dict(n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, intermediate_size=8960),
+    "qwen2.5-7b": dict(vocab_size=152064, n_layer=28, n_head=28, n_kv_head=4, n_embd=3584,
+                       intermediate_size=18944, tie_embeddings=False),
+    "tiny": dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128,
+                 max_seq_len=1024),
+}
+
+
+class Qwen(DecoderLM):
+    def __init__(self, config):
+        super().__init__()
+        if config.version not in ("qwen1", "qwen2"):
+            raise ValueError(f"QwenConfig.version must be 'qwen1' or 'qwen2', got {config.version!r}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.rms_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(config.n_embd // config.n_head, config.rope_theta)
+        self.ntk_len = config.max_seq_len if config.version == "qwen1" else None
