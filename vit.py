@@ -75,8 +75,9 @@ class PatchEmbed(nn.Module):
 def interpolate_pos_embed(pos_embed, grid):
     """Resize a [1, 1 + g*g, C] position embedding to a grid x grid patch grid, CLS slot kept.
 
-    LAVIS's rule (used once, when loading weights for another image size): bicubic,
-    align_corners=False, computed in fp32, returned in the input dtype.
+    LAVIS's rule, applied once when loading weights for another image size: bicubic,
+    align_corners=False, in fp32. The result stays fp32 (not rounded back to an fp16 checkpoint's
+    dtype); loading casts it to the model's dtype.
     """
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old = math.isqrt(patch_pos.shape[1])
@@ -88,7 +89,7 @@ def interpolate_pos_embed(pos_embed, grid):
     patch_pos = patch_pos.float().reshape(1, old, old, C).permute(0, 3, 1, 2)
     patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, C)
-    return torch.cat((cls_pos.float(), patch_pos), dim=1).to(pos_embed.dtype)
+    return torch.cat((cls_pos.float(), patch_pos), dim=1)
 
 
 @dataclass
