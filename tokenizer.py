@@ -63,6 +63,10 @@ def _read_rank_file(path):
 
 
 class Tokenizer:
+    """A byte-level BPE tokenizer: tiktoken for the ordinary text, plus our own handling of
+    special and added tokens (leftmost-longest match, as HF does; tiktoken's own special-token
+    regex has no defined order between overlapping tokens such as Phi-2's runs of spaces)."""
+
     def __init__(self, ranks, special_tokens, pattern, normalization=None, added_tokens=None):
         """ranks: {token bytes: id}; special_tokens: {text: id}, matched in text only when allowed;
         added_tokens: {text: id}, HF's non-special added tokens, always matched (Phi-2's runs of
@@ -75,11 +79,14 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens)
         self.added_tokens = dict(added_tokens or {})
         self.pattern, self.normalization = pattern, normalization
+        both = set(self.special_tokens) & set(self.added_tokens)
+        if both:
+            raise ValueError(f"tokens both special and added: {sorted(both)}")
         extra = {**self.special_tokens, **self.added_tokens}
         used = set(ranks.values())
         for text, i in extra.items():
             if i in used:
-                raise ValueError(f"token {text!r} reuses id {i}")
+                raise ValueError(f"token {text!r} has id {i}, which another token already has")
             used.add(i)
         self._ranks = ranks
         self._extra = extra
@@ -200,6 +207,8 @@ class Tokenizer:
             allowed = frozenset(self.special_tokens)
         elif allowed_special == "none":
             allowed = frozenset()
+        elif isinstance(allowed_special, str):
+            raise ValueError(f"allowed_special must be 'all', 'none' or a set of names, got {allowed_special!r}")
         else:
             allowed = frozenset(allowed_special)
             unknown = allowed - set(self.special_tokens)
@@ -225,7 +234,13 @@ class Tokenizer:
 
     def decode(self, ids):
         """Invalid UTF-8 (e.g. a cut-off character) becomes U+FFFD, as in HF's decoder."""
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        try:
+            data = self._enc.decode_bytes(ids)
+        except (KeyError, OverflowError, TypeError):
+            for i in ids:
+                self.token_bytes(i)  # raises naming the bad id
+            raise
+        return data.decode("utf-8", errors="replace")
 
     def token_id(self, name):
         """Id of a special/added token, or of a text that is exactly one ordinary token."""

@@ -1,6 +1,7 @@
 """tokenizer.py against HF `tokenizers`: one small BPE vocabulary trained here, written as
 tokenizer.json, vocab.json + merges.txt and qwen.tiktoken, must give HF's ids in every format."""
 import base64
+import functools
 import json
 import unicodedata
 
@@ -54,7 +55,8 @@ def train_hf(kind, vocab_size=900):
         tok.add_special_tokens(QWEN_SPECIALS)
     else:
         tok.add_special_tokens(["<|endoftext|>"])
-        tok.add_tokens([AddedToken("    ", normalized=False), AddedToken("\t\t", normalized=False)])
+        # Phi-2 (CodeGen) adds overlapping runs of spaces/tabs as non-special tokens.
+        tok.add_tokens([AddedToken(t, normalized=False) for t in ("    ", "\t\t", "  ")])
     return tok
 
 
@@ -120,10 +122,12 @@ def test_gpt2_formats_match_hf(gpt2):
     for ours in Tokenizer.from_hf(folder / "json"), Tokenizer.from_hf(folder / "files"):
         assert ours.pattern == GPT2_PATTERN and ours.normalization is None
         assert ours.special_tokens == {"<|endoftext|>": 900}
-        assert ours.added_tokens == {"    ": 901, "\t\t": 902}
+        assert ours.added_tokens == {"    ": 901, "\t\t": 902, "  ": 903}
         assert_same_ids(ours, hf)
         # Non-special added tokens are split out even when specials are plain text, as in HF.
-        assert 901 in ours.encode("a     b", allowed_special="none")
+        ids = ours.encode("a     b<|endoftext|>", allowed_special="none")
+        assert ids[1] == 901 and 900 not in ids and ours.decode(ids) == "a     b<|endoftext|>"
+        assert ours.encode("      ") == [901, 903]  # leftmost-longest, as HF
 
 
 def test_gpt2_vocab_with_endoftext_inside(gpt2, tmp_path):
@@ -142,6 +146,25 @@ def test_gpt2_vocab_with_endoftext_inside(gpt2, tmp_path):
     ref.add_special_tokens(["<|endoftext|>"])
     assert_same_ids(ours, ref)
     assert ours.encode("x<|endoftext|>")[-1] == 900
+
+
+PIECES = st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|extra_0|>", "<|", "|>",
+                          " ", "  ", "    ", "\t", "\n", "\r\n", "\u3000", "'s", "'LL", "e\u0301",
+                          "😀", "🇨🇳", "中文", "123", "_", "x", " the", "def ", "()", "{}"])
+MIXED = st.lists(PIECES | st.text(max_size=6), max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(MIXED)
+def test_parity_property(qwen, gpt2, text):
+    """Random mixtures of specials, whitespace, scripts and arbitrary Unicode: HF's ids."""
+    for hf, folder in qwen, gpt2:
+        assert _ours(folder).encode(text) == hf.encode(text).ids
+
+
+@functools.cache
+def _ours(folder):
+    return Tokenizer.from_hf(folder / "json")
 
 
 def test_round_trip_and_nfc(qwen):
@@ -269,3 +292,14 @@ def test_stream_decoder_property_bytes(ids):
     parts, tail = stream(TOY, ids)
     assert "".join(parts) + tail == TOY.decode(ids)
 
+
+
+def test_bad_ids_and_arguments():
+    with pytest.raises(ValueError, match=r"token id 5000 is not in the vocabulary \(n_vocab 277\)"):
+        TOY.decode([1, 2, 5000])
+    with pytest.raises(ValueError, match="token id -1 is not in the vocabulary"):
+        StreamDecoder(TOY).push(-1)
+    with pytest.raises(ValueError, match="allowed_special must be 'all', 'none' or a set of names"):
+        TOY.encode("x", allowed_special="<|im_end|>")
+    with pytest.raises(ValueError, match="has id 3, which another token already has"):
+        Tokenizer({bytes([b]): b for b in range(256)}, {"<|x|>": 3}, QWEN_PATTERN)
