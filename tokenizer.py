@@ -123,6 +123,8 @@ class Tokenizer:
             for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
                 if model.get(key):
                     raise ValueError(f"{tj}: model.{key}={model[key]!r} is not byte-level BPE")
+            if "vocab" not in model or "merges" not in model:
+                raise ValueError(f"{tj}: model needs 'vocab' and 'merges'")
             vocab, merges = model["vocab"], model["merges"]
             pattern = _pattern_from_pre_tokenizer(spec.get("pre_tokenizer"), tj)
             norm = _normalization_from(spec.get("normalizer"), tj)
@@ -160,6 +162,8 @@ class Tokenizer:
         """The toy model's tokenizer: bytes 0..255 (rank = byte value), then `word` and ` word`
         for each word (plus the ChatML role words), then Qwen's special-token names. Words must be
         letters only so that each one is a single piece of Qwen's split regex."""
+        if not 1 <= n_extra <= 205:
+            raise ValueError(f"n_extra must be 1..205 (Qwen has <|extra_0|>..<|extra_204|>), got {n_extra}")
         ranks = {bytes([b]): b for b in range(256)}
         for w in [*words, "system", "user", "assistant"]:
             if not w.isalpha():
