@@ -130,6 +130,26 @@ def test_gpt2_formats_match_hf(gpt2):
         assert ours.encode("      ") == [901, 903]  # leftmost-longest, as HF
 
 
+def test_transformers_reads_the_same_files(qwen, gpt2):
+    """vocab.json + merges.txt carry no regex or normaliser: we infer them from tokenizer_class
+    (Qwen2Tokenizer vs CodeGenTokenizer, Phi-2's), as transformers does."""
+    from transformers import AutoTokenizer
+    for _, folder in qwen, gpt2:
+        ref, ours = AutoTokenizer.from_pretrained(str(folder / "files")), Tokenizer.from_hf(folder / "files")
+        for text in TEXTS:
+            assert ours.encode(text) == ref.encode(text), text
+
+
+def test_merges_as_strings(qwen, tmp_path):
+    """Older tokenizer.json files (e.g. Qwen2's) write merges as "a b" strings, not pairs."""
+    hf, folder = qwen
+    spec = json.loads((folder / "json" / "tokenizer.json").read_text())
+    assert isinstance(spec["model"]["merges"][0], list)
+    spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert_same_ids(Tokenizer.from_hf(tmp_path / "tokenizer.json"), hf)
+
+
 def test_gpt2_vocab_with_endoftext_inside(gpt2, tmp_path):
     """GPT-2 / Phi-2 keep <|endoftext|> in vocab.json and name it in tokenizer_config.json."""
     folder = gpt2[1]
