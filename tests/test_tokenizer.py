@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, trainers
 
-from tokenizer import GPT2_PATTERN, QWEN_PATTERN, QWEN_SPECIALS, StreamDecoder, Tokenizer
+from tokenizer import GPT2_PATTERN, QWEN_PATTERN, QWEN_SPECIALS, UNICODE_TO_BYTE, StreamDecoder, Tokenizer
 
 CORPUS = [
     "Hello world! It's a test: we're sure they'll say I'd've DONE it.",
@@ -74,7 +74,6 @@ def write_hf(tok, folder, tokenizer_class):
 
 def write_qwen_tiktoken(tok, path):
     """The same vocab as Qwen ships it: base64 of the token bytes and the rank, one per line."""
-    from tokenizer import UNICODE_TO_BYTE
     vocab = tok.get_vocab(with_added_tokens=False)
     lines = [f"{base64.b64encode(bytes(UNICODE_TO_BYTE[c] for c in t)).decode()} {i}"
              for t, i in sorted(vocab.items(), key=lambda kv: kv[1])]
