@@ -12,6 +12,7 @@ Linears 768 -> 4096 -> d with no activation between them (proj='mlp2').
 The pieces are callable separately, which is how pipeline.py slices the model: `embed` (first
 stage: images + token embeddings), `llm.forward_blocks` (any stage), `llm.head` + `loss_sum` (last).
 """
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -307,3 +308,35 @@ class MultimodalLM(nn.Module):
         with torch.device("meta"):  # no random init, no memory: load_into puts the real tensors in
             model = cls(MMConfig.from_dict({**cfg["model"], **overrides}))
         return load_into(model if dtype is None else model.to(dtype), state)
+
+    @classmethod
+    def from_parts(cls, vision, llm, proj=None, dtype=None, **overrides):
+        """Assemble converted public pieces: `vision` = one or more convert.py vision directories
+        (eva_vit_g, blip2_lavis, blip2_hf) that together hold vit.* and qformer.*; `llm` = a
+        convert.py qwen1/qwen2/phi directory; `proj` = a file or directory holding llm_proj.*
+        (e.g. MiniGPT4Qwen's stage-1 model.pth), else llm_proj starts from random (pretraining).
+        `overrides` set other MMConfig fields (image_token_id, freeze, proj='mlp2', ...)."""
+        from convert import load_checkpoint, load_into, read_state_dict
+        state, sub = {}, {}
+        for d in [vision] if isinstance(vision, str) else vision:
+            part, cfg = load_checkpoint(d)
+            state.update(part)
+            sub.update({k: c(**cfg[k]) for k, c in (("vit", ViTConfig), ("qformer", QFormerConfig)) if k in cfg})
+        part, cfg = load_checkpoint(llm)
+        state.update({"llm." + k: t for k, t in part.items()})
+        arch = cfg.pop("arch")
+        config = MMConfig(**sub, llm=LLMS[arch][0](**cfg), llm_type=arch, **overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        if dtype is not None:
+            model.to(dtype)
+        if proj is None:
+            model.llm_proj.to_empty(device="cpu")
+            for m in model.llm_proj.modules():
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()  # nn.Linear's own init, as LAVIS builds llm_proj
+            state.update({"llm_proj." + k: t for k, t in model.llm_proj.state_dict().items()})
+        else:
+            part = read_state_dict(os.path.join(proj, "model.safetensors") if os.path.isdir(proj) else proj)
+            state.update({k: t for k, t in part.items() if k.startswith("llm_proj.")})
+        return load_into(model, state)

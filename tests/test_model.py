@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convert import QWEN2_RULES, PHI_IGNORE, QWEN2_IGNORE, phi_config, phi_rules, qwen2_config, remap, vision_state
+from convert import convert_blip2_hf, convert_phi, convert_qwen2
 from data import collate
 from model import (FREEZE_PRESETS, MMConfig, MultimodalLM, apply_repetition_penalty, filter_logits, loss_sum,
                    splice_images, supervised_count)
@@ -87,30 +87,27 @@ def hf_blip2(llm_type):
     return hf.eval()
 
 
-def convert_hf_blip2(hf, llm_type):
-    """Our MultimodalLM from an HF Blip2ForConditionalGeneration, through convert.py's pieces:
-    the vision loader (vit, qformer), the LLM rename table, language_projection -> llm_proj."""
-    text = hf.config.text_config.to_dict()
-    llm = qwen2_config(text) if llm_type == "qwen" else phi_config(text)
-    config = MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny"), llm=llm,
-                      llm_type=llm_type, image_token_id=IMG)
-    src = hf.state_dict()
-    state = vision_state(src, "blip2_hf", config.vit)
-    rules, ignore = (QWEN2_RULES, QWEN2_IGNORE) if llm_type == "qwen" else (phi_rules(llm.n_head), PHI_IGNORE)
-    lm = {k[len("language_model."):]: v for k, v in src.items() if k.startswith("language_model.")}
-    state.update({"llm." + k: v for k, v in remap(lm, rules, ignore).items()})
-    state.update({"llm_proj." + k: src["language_projection." + k] for k in ("weight", "bias")})
-    model = MultimodalLM(config).eval()
+def convert_hf_blip2(hf, llm_type, tmp):
+    """Our MultimodalLM from an HF Blip2ForConditionalGeneration saved to disk, through convert.py:
+    the Blip2 vision kind (vit, qformer), the LLM kind (the HF text model saved on its own), and
+    language_projection as a MiniGPT4Qwen-style model.pth holding llm_proj.*."""
+    hf.save_pretrained(tmp / "hf")
+    hf.language_model.save_pretrained(tmp / "hf_llm")
+    torch.save({"model": {"llm_proj." + k: v for k, v in hf.language_projection.state_dict().items()}},
+               tmp / "proj.pth")
+    convert_blip2_hf(str(tmp / "hf"), str(tmp / "vision"))
+    (convert_qwen2 if llm_type == "qwen" else convert_phi)(str(tmp / "hf_llm"), str(tmp / "llm"))
+    model = MultimodalLM.from_parts(str(tmp / "vision"), str(tmp / "llm"), proj=str(tmp / "proj.pth"),
+                                    image_token_id=IMG).eval()
     # HF's post_layernorm (= ln_vision) takes the ViT's eps 1e-6; LAVIS's ln_vision uses 1e-5
     model.qformer.ln_vision.eps = hf.config.vision_config.layer_norm_eps
-    model.load_state_dict(state)
     return model
 
 
 @pytest.mark.parametrize("llm_type", ["qwen", "phi"])
-def test_blip2_parity_with_transformers(llm_type):
+def test_blip2_parity_with_transformers(llm_type, tmp_path):
     hf = hf_blip2(llm_type)
-    model = convert_hf_blip2(hf, llm_type)
+    model = convert_hf_blip2(hf, llm_type, tmp_path)
     g = torch.Generator().manual_seed(1)
     # two prompts, right-padded: the first with two images, the second with one
     a = [5, 6] + [IMG] * Q + [7, 8, 9] + [IMG] * Q + [10, 11]
@@ -365,3 +362,21 @@ def test_checkpoint_roundtrip(tmp_path, llm_type, proj):
         assert torch.equal(model(batch)[0], loaded(batch)[0])
     half = MultimodalLM.from_checkpoint(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_from_parts_starts_a_random_projection(tmp_path):
+    from dataclasses import asdict
+    from convert import save_checkpoint, save_llm
+    model = tiny_model()
+    save_llm(str(tmp_path / "llm"), model.llm, model.config.llm)
+    vision = torch.nn.Module()
+    vision.vit, vision.qformer = model.vit, model.qformer
+    save_checkpoint(str(tmp_path / "vision"), vision, {"vit": asdict(model.config.vit),
+                                                       "qformer": asdict(model.config.qformer)})
+    built = MultimodalLM.from_parts(str(tmp_path / "vision"), str(tmp_path / "llm"), image_token_id=IMG,
+                                    freeze="pretrain")
+    assert not any(t.is_meta for t in built.state_dict().values())
+    assert {n for n, p in built.named_parameters() if p.requires_grad} == {"llm_proj.weight", "llm_proj.bias"}
+    ours, theirs = model.state_dict(), built.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("llm_proj."))
+    assert not torch.equal(ours["llm_proj.weight"], theirs["llm_proj.weight"])
