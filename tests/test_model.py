@@ -29,7 +29,11 @@ def one_thread():
 
 
 def tiny_config(llm_type="qwen", **kw):
-    llm = QwenConfig.preset("tiny") if llm_type == "qwen" else PhiConfig.preset("tiny")
+    if llm_type == "qwen1":  # Qwen v1: no GQA, untied, dynamic NTK beyond max_seq_len
+        llm_type, llm = "qwen", QwenConfig(**{**QwenConfig.preset("tiny").__dict__, "version": "qwen1",
+                                              "n_kv_head": 4, "tie_embeddings": False, "max_seq_len": 16})
+    else:
+        llm = QwenConfig.preset("tiny") if llm_type == "qwen" else PhiConfig.preset("tiny")
     return MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny"), llm=llm, llm_type=llm_type,
                     image_token_id=IMG, **kw)
 
@@ -272,7 +276,7 @@ def test_generate_uses_cache_like_full_recompute():
             x = torch.cat((x, model.llm.embed_tokens(torch.tensor([[tok]]))), 1)
 
 
-@pytest.mark.parametrize("llm_type", ["qwen", "phi"])
+@pytest.mark.parametrize("llm_type", ["qwen", "qwen1", "phi"])
 def test_batched_left_padded_equals_one_by_one(llm_type):
     model = tiny_model(llm_type=llm_type)
     g = torch.Generator().manual_seed(0)
