@@ -45,7 +45,7 @@ QUESTIONS = {
     "compare": "are the two shapes the same colour?",
     "video": "which way does the shape move?",
 }
-VERSION = 1  # bump when the generator changes, so stale caches are not reused
+VERSION = 2  # bump when the generator changes, so stale caches are not reused
 
 
 def draw_shape(draw, shape, colour, cx, cy, r):
@@ -172,13 +172,13 @@ def chance_levels(rows):
 
 
 def corpus_words(rows):
-    """Every word and punctuation mark of the instructions and answers (placeholder excluded)."""
+    """Every word (letters only: punctuation stays byte-level) of the instructions and answers."""
     words = set()
     for row in rows:
         for field in ("instruction", "output"):
             texts = row[field] if isinstance(row[field], list) else [row[field]]
             for text in texts:
-                words.update(re.findall(r"[a-z]+|[^\sa-z]", text.replace(IMG, " ").lower()))
+                words.update(re.findall(r"[a-z]+", text.replace(IMG, " ").lower()))
     return sorted(words)
 
 
