@@ -252,8 +252,8 @@ class MultimodalLM(nn.Module):
                  generator=None):
         """Continue every row of input_ids [B, T], LEFT-padded (attention_mask 0 on the left pads),
         using the LLM's pre-allocated KV cache. A row ends at its first stop token (not included
-        in the output) or after max_new_tokens. `stream(tokens)` is called after each step with
-        one entry per row: the new token id, or None for a row that has finished. `seed` makes
+        in the output) or after max_new_tokens. `stream(tokens)` is called after each step that
+        extended a row, with one entry per row: its new token id, or None if it has finished. `seed` makes
         sampling reproducible (or pass a torch.Generator). Returns a list of B lists of new ids."""
         B, T = input_ids.shape
         dev = input_ids.device
@@ -276,12 +276,12 @@ class MultimodalLM(nn.Module):
         for step in range(max_new_tokens):
             logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
             tok = sample_next(logits, temperature, top_k, top_p, generator)
-            done_before, done = done, done | torch.isin(tok, stop)
+            done = done | torch.isin(tok, stop)
             new = [None if d else t for t, d in zip(tok.tolist(), done.tolist())]
             for row, t in zip(out, new):
                 if t is not None:
                     row.append(t)
-            if stream is not None and not done_before.all():
+            if stream is not None and any(t is not None for t in new):
                 stream(new)
             if done.all() or step == max_new_tokens - 1:
                 break

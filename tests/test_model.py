@@ -291,19 +291,18 @@ def test_stop_tokens_and_stream():
     g = torch.Generator().manual_seed(0)
     rows, images = prompts(g)
     ids, mask = left_pad(rows)
-    free = model.generate(ids, torch.cat(images), attention_mask=mask, max_new_tokens=12, temperature=1.0, seed=0)
-    stop = free[0][3]
-    steps = []
-    out = model.generate(ids, torch.cat(images), attention_mask=mask, max_new_tokens=12, temperature=1.0, seed=0,
-                         stop_ids=[stop], stream=steps.append)
-    for got, ref in zip(out, free):
-        assert got == (ref[:ref.index(stop)] if stop in ref else ref)
-    assert len(out[0]) <= 3
-    for r in range(3):  # the stream carries each row's tokens, then only None once the row stopped
-        column = [s[r] for s in steps]
-        assert [t for t in column if t is not None] == out[r]
-        assert column[len(out[r]):] == [None] * (len(column) - len(out[r]))
-    assert len(steps) == max(len(ref[:ref.index(stop) + 1]) if stop in ref else len(ref) for ref in free)
+    kw = dict(attention_mask=mask, max_new_tokens=12, temperature=1.0, seed=0)
+    free = model.generate(ids, torch.cat(images), **kw)
+    # one row stops early while the others go on; then every row stops at its second token
+    for stops in ({free[0][3]}, {ref[1] for ref in free}):
+        steps = []
+        out = model.generate(ids, torch.cat(images), stop_ids=stops, stream=steps.append, **kw)
+        assert out == [ref[:min([ref.index(s) for s in stops if s in ref] + [len(ref)])] for ref in free]
+        assert len(steps) == max(len(o) for o in out)  # no call once every row has stopped
+        for r in range(3):  # the stream carries each row's tokens, then None once the row stopped
+            column = [s[r] for s in steps]
+            assert column == out[r] + [None] * (len(steps) - len(out[r]))
+    assert len(out[0]) <= 1 and len(steps) <= 1
 
 
 def test_sampling_top_k_1_is_greedy_and_seed_reproduces():
