@@ -60,10 +60,11 @@ def splice_images(embeds, input_ids, features, image_token_id):
     """Overwrite the image-token embeddings with image features, in reading order: row by row,
     left to right, image after image. embeds [B, T, d], features [n, num_query, d] or None."""
     slots = input_ids == image_token_id
-    n, q = (0, 1) if features is None else features.shape[:2]
+    n, q = (0, 0) if features is None else features.shape[:2]
     if int(slots.sum()) != n * q:
-        raise ValueError(f"{int(slots.sum())} image tokens (id {image_token_id}) in input_ids but {n} images x "
-                         f"{q} queries = {n * q}: every image needs one <ImageHere> expanded to {q} tokens")
+        have = f"{n} images x {q} queries = {n * q}" if features is not None else "no images"
+        raise ValueError(f"{int(slots.sum())} image tokens (id {image_token_id}) in input_ids but {have}: "
+                         f"every image needs one <ImageHere> expanded to num_query tokens")
     if n == 0:
         return embeds
     per_row = slots.sum(1)
