@@ -254,8 +254,8 @@ class MultimodalLM(nn.Module):
         """Continue every row of input_ids [B, T], LEFT-padded (attention_mask 0 on the left pads),
         using the LLM's pre-allocated KV cache. A row ends at its first stop token (not included
         in the output) or after max_new_tokens. `stream(tokens)` is called after each step that
-        extended a row, with one entry per row: its new token id, or None if it has finished. `seed` makes
-        sampling reproducible (or pass a torch.Generator). Returns a list of B lists of new ids."""
+        extended a row, with one entry per row: its new token id, or None if it has finished.
+        `seed` makes sampling reproducible (or pass a torch.Generator). Returns B lists of new ids."""
         B, T = input_ids.shape
         dev = input_ids.device
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev, torch.long)
@@ -319,7 +319,7 @@ class MultimodalLM(nn.Module):
         `overrides` set other MMConfig fields (image_token_id, freeze, proj='mlp2', ...)."""
         from convert import load_checkpoint, load_into, read_state_dict
         state, sub = {}, {}
-        for d in [vision] if isinstance(vision, str) else vision:
+        for d in [vision] if isinstance(vision, (str, os.PathLike)) else vision:
             part, cfg = load_checkpoint(d)
             state.update(part)
             sub.update({k: c(**cfg[k]) for k, c in (("vit", ViTConfig), ("qformer", QFormerConfig)) if k in cfg})
