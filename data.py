@@ -145,8 +145,12 @@ def load_video(path, max_frames=32):
     MiniGPT4Qwen does. Two decoding passes: containers often omit or misreport the frame count,
     and keeping every decoded frame to count them would hold a whole video in memory."""
     import av
+    from av.video.reformatter import VideoReformatter
     path = os.fspath(path)
     _check_path(path, "video")
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    to_rgb24 = VideoReformatter()  # reused: frame.to_image() would set up a converter per frame
     try:
         with _open_video(path) as c:
             total = sum(1 for _ in c.decode(video=0))
@@ -155,7 +159,7 @@ def load_video(path, max_frames=32):
         with _open_video(path) as c:
             for i, frame in enumerate(c.decode(video=0)):
                 if i in keep:
-                    frames.append(frame.to_image())
+                    frames.append(Image.fromarray(to_rgb24.reformat(frame, format="rgb24").to_ndarray()))
     except av.error.FFmpegError as e:
         raise ValueError(f"cannot decode video file: {path} ({e})") from None
     if not frames:
