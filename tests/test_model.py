@@ -318,6 +318,16 @@ def test_sampling_top_k_1_is_greedy_and_seed_reproduces():
     assert a == b and a != greedy
 
 
+@pytest.mark.parametrize("llm_type", ["qwen", "phi"])
+def test_generate_in_bfloat16(llm_type):
+    model = tiny_model(llm_type=llm_type).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    rows, images = prompts(g)
+    ids, mask = left_pad(rows)
+    out = model.generate(ids, torch.cat(images), attention_mask=mask, max_new_tokens=4)
+    assert [len(o) for o in out] == [4, 4, 4]
+
+
 def test_generate_rejects_right_padding():
     model = tiny_model()
     with pytest.raises(ValueError, match="generate needs LEFT padding: attention_mask has a 0 after a 1"):
