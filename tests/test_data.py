@@ -406,7 +406,7 @@ BAD = [
     ({"image": "c0.png", "video": "v.mkv", "instruction": f"{PH} q", "output": "a"}, "not both"),
     ({"video": "v.mkv", "instruction": f"{PH} {PH} q", "output": "a"}, "a video row needs exactly one"),
     ({"video": "empty.avi", "instruction": f"{PH} q", "output": "a"}, "video has no frames: {root}/empty.avi"),
-    ({"video": "rows.json", "instruction": f"{PH} q", "output": "a"}, "cannot read video file: {root}/rows.json"),
+    ({"video": "rows.json", "instruction": f"{PH} q", "output": "a"}, "no video stream in file: {root}/rows.json"),
     ({"image": "c0.png", "instruction": "q", "output": f"{PH}"}, "image placeholder in a assistant turn"),
     ({"conversations": [{"from": "bot", "value": "q"}]}, "conversations[0]: unknown 'from' 'bot'"),
     ({"conversations": [{"from": "human", "value": "q"}]}, "no assistant turn"),
