@@ -22,6 +22,7 @@ from itertools import zip_longest
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 # ----------------------------------------------------------------------------- the schedule as data
 
@@ -191,20 +192,23 @@ class PipelineEngine:
     module(x, mb) -> activation; x is None on the first stage (it reads the microbatch dict mb).
     loss_fn(output, mb) -> summed loss of the microbatch, on the last stage only.
     act_shape(mb) -> shape of the activation entering this stage (static shapes: pad batches to a
-    fixed length). tied: parameters whose gradients are summed over `tied_group` (embeddings shared
-    by the first and last stage)."""
+    fixed length). tied: on the first and the last stage, the copies of weights they share (tied
+    embeddings), whose gradients are summed between the two."""
 
     def __init__(self, module, pp_group, dp_group, act_shape, loss_fn=None, schedule="1f1b",
-                 act_dtype=torch.float32, tied=(), tied_group=None, timeout=60.0):
+                 act_dtype=torch.float32, tied=(), timeout=60.0):
         self.module, self.pp_group, self.dp_group = module, pp_group, dp_group
         self.act_shape, self.loss_fn, self.schedule, self.act_dtype = act_shape, loss_fn, schedule, act_dtype
-        self.tied, self.tied_group, self.timeout = list(tied), tied_group, timeout
+        self.tied, self.timeout = list(tied), timeout
         self.stage, self.num_stages = dist.get_rank(pp_group), dist.get_world_size(pp_group)
         self.is_first, self.is_last = self.stage == 0, self.stage == self.num_stages - 1
         if self.is_last != (loss_fn is not None):
             raise ValueError("loss_fn is required on the last stage and only there")
         self.device = next(module.parameters()).device
         self.stats = {}
+
+    def stage_forward(self, x, mb):
+        return self.module(x, mb)
 
     # P2P: messages of one comm_plan group go out and come in together
     def _communicate(self, group, stash, microbatches):
@@ -220,6 +224,10 @@ class PipelineEngine:
                 got[kind, i] = (torch.empty_like(like) if like is not None else
                                 torch.empty(self.act_shape(microbatches[i]), dtype=self.act_dtype, device=self.device))
                 ops.append(dist.P2POp(dist.irecv, got[kind, i], peer, self.pp_group))
+        self._p2p(ops, group)
+        return got
+
+    def _p2p(self, ops, group):
         try:
             for work in dist.batch_isend_irecv(ops) if ops else []:
                 work.wait(timedelta(seconds=self.timeout))
@@ -227,7 +235,6 @@ class PipelineEngine:
             peers = sorted({dist.get_global_rank(self.pp_group, q) for *_, q in group})
             raise RuntimeError(f"pipeline rank {dist.get_rank()} (stage {self.stage}): exchange with rank "
                                f"{', '.join(map(str, peers))} failed or timed out after {self.timeout}s: {e}") from e
-        return got
 
     def _collective(self, tensor, group):
         try:
@@ -247,7 +254,7 @@ class PipelineEngine:
                 saved.append(t.numel() * t.element_size())
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = self.module(x, mb)
+            y = self.stage_forward(x, mb)
             if self.is_last:
                 y = self.loss_fn(y, mb) / count
         return dict(x=x, y=y, saved=sum(saved))
@@ -294,6 +301,7 @@ class PipelineEngine:
         of a replica). Gradients are summed into .grad; loss = summed loss / count, where count is the
         step's global number of supervised tokens. Returns the step's loss on every rank."""
         table = schedule_table(self.schedule, self.num_stages, self.stage, len(microbatches))
+        count = max(count, 1)  # a step without supervised tokens contributes nothing, not NaN
         with torch.enable_grad():
             loss = self._run(microbatches, count, table)
         self._sync_grads()
@@ -302,7 +310,8 @@ class PipelineEngine:
     @torch.no_grad()
     def evaluate(self, microbatches, count):
         """Forward only (a table of F ops, no activations kept): the loss, on every rank."""
-        return self._reduce_loss(self._run(microbatches, count, [("F", i) for i in range(len(microbatches))]))
+        table = [("F", i) for i in range(len(microbatches))]
+        return self._reduce_loss(self._run(microbatches, max(count, 1), table))
 
     def _reduce_loss(self, loss):
         t = torch.tensor([loss], dtype=torch.float64, device=self.device)
@@ -317,8 +326,14 @@ class PipelineEngine:
         for p in params:
             if p.grad is None:  # keep the flat buffer aligned across replicas
                 p.grad = torch.zeros_like(p)
-        for p in self.tied:
-            self._collective(p.grad, self.tied_group)
+        if self.tied:  # first and last stage swap their copies' gradients and both add: a 2-rank all-reduce
+            peer = self.num_stages - 1 if self.is_first else 0
+            theirs = [torch.empty_like(p.grad) for p in self.tied]
+            rank = dist.get_global_rank(self.pp_group, peer)
+            self._p2p([dist.P2POp(dist.isend, p.grad, rank, self.pp_group) for p in self.tied] +
+                      [dist.P2POp(dist.irecv, t, rank, self.pp_group) for t in theirs], [("tied", peer)])
+            for p, t in zip(self.tied, theirs):
+                p.grad += t
         if params and dist.get_world_size(self.dp_group) > 1:
             flat = torch.cat([p.grad.flatten() for p in params])
             self._collective(flat, self.dp_group)
@@ -340,6 +355,156 @@ class PipelineEngine:
                 if p.grad is not None:
                     p.grad.mul_(scale)
         return norm
+
+# ----------------------------------------------------------------------------- slicing MultimodalLM
+
+
+def split_layers(n, num_stages, first_cost=0.0, last_cost=0.0, first_share=None):
+    """Contiguous [lo, hi) block ranges, one per stage, minimising the slowest stage, in units of one
+    decoder block; the first stage also pays `first_cost` (vision tower), the last `last_cost` (head).
+    `first_share` fixes the number of blocks on the first stage."""
+    if first_share is not None:
+        if not 0 <= first_share <= n - (num_stages - 1):
+            raise ValueError(f"first_stage_share={first_share}: need 0..{n - num_stages + 1} of {n} blocks "
+                             f"so that the other {num_stages - 1} stages get one block each")
+        rest = split_layers(n - first_share, num_stages - 1, 0.0, last_cost) if num_stages > 1 else []
+        return [(0, first_share)] + [(lo + first_share, hi + first_share) for lo, hi in rest]
+    if n < num_stages:
+        raise ValueError(f"{n} decoder blocks cannot fill {num_stages} stages")
+    if num_stages == 1:
+        return [(0, n)]
+    best = None
+    for k0 in range(1, n - num_stages + 2):
+        for kl in range(1, n - k0 - (num_stages - 2) + 1):
+            mid, r = num_stages - 2, n - k0 - kl
+            if (mid == 0 and r) or (mid and r < mid):
+                continue
+            ks = [k0] + [r // mid + (j < r % mid) for j in range(mid)] + [kl]
+            slowest = max([k0 + first_cost, kl + last_cost] + ks[1:-1])
+            if best is None or slowest < best[0]:
+                best = (slowest, ks)
+    bounds = [0]
+    for k in best[1]:
+        bounds.append(bounds[-1] + k)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def stage_costs(model, seq_len):
+    """(vision tower, head) compute in units of one decoder block, for one image per sequence of
+    seq_len tokens: cost ~ parameters x tokens, and a frozen part runs forward only (1/3 of training)."""
+    cfg = model.config
+    nparams = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    block = nparams(model.llm.layers[0]) * seq_len
+    patches = (cfg.vit.img_size // cfg.vit.patch_size) ** 2 + 1
+    vision = 0.0
+    for name, module, tokens in [("vit", model.vit, patches), ("qformer", model.qformer, cfg.qformer.num_query),
+                                 ("proj", model.llm_proj, cfg.qformer.num_query)]:
+        vision += nparams(module) * tokens / (3 if name in cfg.freeze else 1)
+    return vision / block, nparams(model.llm.lm_head) * seq_len / block
+
+
+class Elsewhere(nn.Module):
+    """Stands in for a part of the model that lives on another pipeline stage."""
+
+    def forward(self, *args):
+        raise RuntimeError("this part of the model lives on another pipeline stage")
+
+
+class PipelineRunner(PipelineEngine):
+    """One pipeline stage of a MultimodalLM, sliced in place from the full model (built from one seed
+    or checkpoint on every rank, so all stages agree). Stage 0 keeps vit, qformer, llm_proj and
+    embed_tokens (the image splice happens there), the last keeps norm and lm_head (and the loss);
+    every stage keeps its decoder blocks under their original names (llm.layers.<i>). `.module` is
+    the sliced model: give its parameters to the optimizer. Microbatches are dicts from
+    data.collate with a fixed length; every stage of a replica gets the same ones."""
+
+    def __init__(self, model, num_stages, schedule="1f1b", pp_group=None, dp_group=None, first_stage_share=None,
+                 device=None, seq_len=512, timeout=60.0):
+        from model import loss_sum
+        stage = dist.get_rank(pp_group)
+        if dist.get_world_size(pp_group) != num_stages:
+            raise ValueError(f"pp_group has {dist.get_world_size(pp_group)} ranks, num_stages is {num_stages}")
+        llm, first, last = model.llm, stage == 0, stage == num_stages - 1
+        tied = llm.lm_head.weight is llm.embed_tokens.weight and llm.lm_head.weight.requires_grad
+        self.ranges = split_layers(len(llm.layers), num_stages, *stage_costs(model, seq_len), first_stage_share)
+        lo, hi = self.ranges[stage]
+        blocks = nn.ModuleDict({str(i): llm.layers[i] for i in range(lo, hi)})
+        if not first:
+            model.vit, model.qformer, model.llm_proj, llm.embed_tokens = Elsewhere(), Elsewhere(), Elsewhere(), Elsewhere()
+        if not last:
+            llm.norm, llm.lm_head = Elsewhere(), Elsewhere()
+        llm.layers = blocks
+        model.to(device or next(model.parameters()).device)
+        dtype = next(model.parameters()).dtype
+        super().__init__(model, pp_group, dp_group, act_shape=lambda mb: (*mb["input_ids"].shape, llm.config.n_embd),
+                         loss_fn=(lambda logits, mb: loss_sum(logits, mb["labels"], model.config.loss_norm)) if last else None,
+                         schedule=schedule, act_dtype=dtype, timeout=timeout,
+                         tied=[llm.embed_tokens.weight if first else llm.lm_head.weight]
+                         if tied and num_stages > 1 and (first or last) else ())
+
+    def stage_forward(self, x, mb):
+        model, mb = self.module, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in mb.items()}
+        if self.is_first:
+            x = model.embed(mb["input_ids"], mb.get("images"))
+        x = model.llm.forward_blocks(x, model.llm.layers.values(), attention_mask=mb.get("attention_mask"))
+        return model.llm.head(x) if self.is_last else x
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def load_state_dict(self, state):
+        return self.module.load_state_dict(state)
+
+    def save_shard(self, directory):
+        """Write this stage's weights to <directory>/stage<s>-of-<p>.safetensors (atomically) and return
+        the path. The first replica writes; the others hold the same weights and return None."""
+        from safetensors.torch import save_file
+        if dist.get_rank(self.dp_group) != 0:
+            return None
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"stage{self.stage}-of-{self.num_stages}.safetensors")
+        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}  # clone: no shared storage
+        save_file(state, path + ".tmp", metadata={"stage": str(self.stage), "num_stages": str(self.num_stages)})
+        os.replace(path + ".tmp", path)
+        return path
+
+    def load_shard(self, directory):
+        """Resume from save_shard's file for this stage (same topology; every key must match)."""
+        from safetensors.torch import load_file
+        path = os.path.join(directory, f"stage{self.stage}-of-{self.num_stages}.safetensors")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no shard for stage {self.stage} of {self.num_stages} "
+                                    f"(was the checkpoint written with another number of stages?)")
+        self.load_state_dict(load_file(path, device=str(self.device)))
+
+
+def merge_stage_shards(paths):
+    """One state dict (full-model names) from the shards of save_shard, checking that the shards are
+    exactly stages 0..p-1 of one run, that no key appears twice and that the decoder blocks run
+    0..n-1 without a gap. Load the result with convert.load_into for every other key check."""
+    from safetensors import safe_open
+    state, seen, where = {}, {}, {}
+    for path in paths:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if "stage" not in meta or "num_stages" not in meta:
+                raise ValueError(f"{path}: not a pipeline stage shard (no stage/num_stages metadata)")
+            stage, p = int(meta["stage"]), int(meta["num_stages"])
+            if stage in seen:
+                raise ValueError(f"{path}: stage {stage} already read from {seen[stage][0]}")
+            seen[stage] = (path, p)
+            for key in f.keys():
+                if key in where:
+                    raise ValueError(f"key {key} in both {where[key]} and {path}")
+                where[key], state[key] = path, f.get_tensor(key)
+    counts = {p for _, p in seen.values()}
+    if len(counts) != 1 or sorted(seen) != list(range(counts.pop())):
+        raise ValueError(f"shards must be stages 0..p-1 of one run, got " +
+                         ", ".join(f"{path}: stage {s} of {p}" for s, (path, p) in sorted(seen.items())))
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("llm.layers.")}
+    if layers != set(range(len(layers))):
+        raise ValueError(f"decoder blocks {sorted(layers)} have a gap")
+    return state
 
 # ----------------------------------------------------------------------------- command line
 

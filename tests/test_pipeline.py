@@ -167,7 +167,7 @@ def spawn(fn, world, *args, timeout=150):
             pytest.fail(f"{fn.__name__} with {world} processes did not finish in {timeout}s")
 
 
-def _run_ours(p, pp, dpg, tied_group, schedule, m, tied, b=2, steps=2):
+def _run_ours(p, pp, dpg, schedule, m, tied, b=2, steps=2):
     """Two SGD steps with our engine vs one process on the replica-concatenated batch."""
     stage, dp, d = dist.get_rank(pp), dist.get_world_size(dpg), dist.get_rank(dpg)
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def _run_ours(p, pp, dpg, tied_group, schedule, m, tied, b=2, steps=2):
     engine = PipelineEngine(mod, pp, dpg, act_shape=lambda mb: (*mb["ids"].shape, 16),
                             loss_fn=(lambda out, mb: ce_sum(out, mb["labels"])) if stage == p - 1 else None,
                             schedule=schedule, tied=[mod.embed.weight if stage == 0 else mod.head.weight] if tied else (),
-                            tied_group=tied_group if tied else None, timeout=30)
+                            timeout=30)
     where = f"{schedule} p={p} dp={dp} m={m} tied={tied} stage={stage} dp_rank={d}"
     for step in range(steps):
         ids, labels = make_batch(100 + step, dp * m * b)
@@ -236,17 +236,15 @@ def _cases(rank, world):
     mine = []
     for _, p, ranks, impls in JOBS:  # every rank creates every group, in the same order
         pp, dpg = make_groups(p, 30, ranks)
-        tied = [dist.new_group([ranks[d * p], ranks[d * p + p - 1]], timeout=timedelta(seconds=30))
-                for d in range(len(ranks) // p)]
         torch_pp, _ = make_groups(p, 30, ranks)  # torch's messages on a group of their own
         if rank in ranks:
-            mine.append((p, pp, dpg, tied[ranks.index(rank) // p], torch_pp, impls))
-    for p, pp, dpg, tied_group, torch_pp, impls in mine:
+            mine.append((p, pp, dpg, torch_pp, impls))
+    for p, pp, dpg, torch_pp, impls in mine:
         for schedule in ("gpipe", "1f1b"):
             if "ours" in impls:
                 for m in (1, p, 2 * p + 1):
-                    _run_ours(p, pp, dpg, tied_group, schedule, m, tied=False)
-                _run_ours(p, pp, dpg, tied_group, schedule, p + 1, tied=True)
+                    _run_ours(p, pp, dpg, schedule, m, tied=False)
+                _run_ours(p, pp, dpg, schedule, p + 1, tied=True)
             if "torch" in impls:
                 for m in (p, 2 * p + 1):
                     _run_torch(p, torch_pp, schedule, m)
@@ -283,3 +281,112 @@ def _killed(rank, world):
 
 def test_crashed_or_stalled_rank_ends_the_step_naming_it():
     spawn(_killed, 4, timeout=90)
+
+# ----------------------------------------------------------------------------- MultimodalLM
+
+
+def test_split_layers_balances_compute_and_honours_first_share():
+    from pipeline import split_layers
+    assert split_layers(8, 2) == [(0, 4), (4, 8)]
+    assert split_layers(8, 2, first_cost=2.0) == [(0, 3), (3, 8)]  # the vision tower counts on stage 0
+    assert split_layers(24, 4, 2.5, 9.0) == [(0, 3), (3, 13), (13, 23), (23, 24)]  # and a big head on the last
+    assert split_layers(8, 3, 5.0, first_share=4) == [(0, 4), (4, 6), (6, 8)]
+    with pytest.raises(ValueError, match="first_stage_share=7: need 0..6 of 8 blocks"):
+        split_layers(8, 3, first_share=7)
+    with pytest.raises(ValueError, match="3 decoder blocks cannot fill 4 stages"):
+        split_layers(3, 4)
+
+
+def mm_config(llm="qwen", freeze=(), n_layer=4):
+    from model import MMConfig
+    from phi import PhiConfig
+    from qformer import QFormerConfig
+    from qwen import QwenConfig
+    from vit import ViTConfig
+    llm_cfg = (QwenConfig if llm == "qwen" else PhiConfig).preset("tiny")
+    llm_cfg.n_layer = n_layer
+    return MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny"), llm=llm_cfg, llm_type=llm,
+                    freeze=freeze, image_token_id=5)
+
+
+def mm_batch(seed, n, T=20, q=8, vocab=512):
+    """One image per row (q image tokens after a 2-token prefix), right padding, masked labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, vocab, (n, T), generator=g)
+    ids[:, 2:2 + q] = 5
+    lengths = torch.randint(T - 6, T + 1, (n,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    labels = ids.masked_fill((mask == 0) | (torch.rand(n, T, generator=g) < 0.3), -100)
+    labels[:, :2 + q] = -100
+    return dict(input_ids=ids.masked_fill(mask == 0, 0), labels=labels, attention_mask=mask,
+                images=torch.randn(n, 3, 56, 56, generator=g))
+
+
+def _run_model(pp, dpg, llm, freeze, schedule, m, share, shard_dir, b=2):
+    from model import MultimodalLM, supervised_count
+    from pipeline import PipelineRunner, merge_stage_shards
+    p, dp, d = dist.get_world_size(pp), dist.get_world_size(dpg), dist.get_rank(dpg)
+    stage = dist.get_rank(pp)
+    torch.manual_seed(0)
+    model = MultimodalLM(mm_config(llm, freeze))
+    ref = copy.deepcopy(model)
+    runner = PipelineRunner(model, p, schedule, pp, dpg, first_stage_share=share, timeout=30)
+    where = f"{llm} freeze={freeze} {schedule} p={p} dp={dp} m={m} stage={stage} dp_rank={d}"
+    trainable = [p_ for p_ in ref.parameters() if p_.requires_grad]
+    for step in range(2):
+        batch = mm_batch(10 + step, dp * m * b)
+        count = supervised_count(batch)
+        _, ref_loss = ref(batch, count)
+        ref_loss.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(trainable, 0.05).item()
+        grads = {k: p_.grad for k, p_ in ref.named_parameters(remove_duplicate=False)}
+        mine = [{k: v[j * b:(j + 1) * b] for k, v in batch.items()} for j in range(d * m, (d + 1) * m)]
+        loss = runner.step(mine, count)
+        assert abs(loss - ref_loss.item()) <= 1e-5 * ref_loss.item(), (where, loss, ref_loss.item())
+        norm = runner.clip_grad_norm_(0.05)
+        assert abs(norm - ref_norm) <= 1e-5 * ref_norm, (where, norm, ref_norm)
+        for k, p_ in runner.module.named_parameters():
+            if not p_.requires_grad:
+                assert p_.grad is None and grads[k] is None, f"{where}: frozen {k} got a gradient"
+                continue
+            assert grads[k].abs().sum() > 0, f"{where}: {k} does not train"
+            err = ((p_.grad - grads[k]).abs() - 1e-5 * grads[k].abs()).max().item()
+            assert err <= 1e-6, f"{where} step {step} {k}: gradient off by {err:.2e} beyond rtol 1e-5"
+        sgd([p_ for p_ in runner.module.parameters() if p_.requires_grad], lr=1.0)
+        sgd(trainable, lr=1.0)
+    runner.save_shard(shard_dir)
+    dist.barrier(group=pp)
+    if stage == 0 and d == 0:  # the merged shards are the one-process model, every key of it
+        merged, full = merge_stage_shards(sorted(os.path.join(shard_dir, f) for f in os.listdir(shard_dir))), ref.state_dict()
+        assert sorted(merged) == sorted(full), where
+        for k, v in full.items():
+            assert (merged[k] - v).abs().max() <= 1e-5 * v.abs().max() + 1e-7, f"{where}: merged {k}"
+    with torch.no_grad():
+        saved = {k: v.clone() for k, v in runner.state_dict().items()}
+        for p_ in runner.module.parameters():
+            p_.zero_()
+    runner.load_shard(shard_dir)  # resume: the same weights come back
+    assert all(torch.equal(v, saved[k]) for k, v in runner.state_dict().items()), where
+
+
+# (phase, stages, ranks, llm, freeze, schedule, m, first_stage_share); one phase's jobs run side by side
+MODEL_JOBS = [(0, 4, range(4), "qwen", (), "1f1b", 5, None),             # everything trains, tied embeddings
+              (1, 2, range(2), "qwen", "pretrain", "gpipe", 3, None),    # frozen LLM, only llm_proj learns
+              (1, 2, range(2, 4), "phi", "sft", "1f1b", 3, None),        # untied Phi, frozen vision tower
+              (2, 2, range(4), "qwen", "sft", "1f1b", 2, 1)]             # dp=2, tied, first-stage override
+
+
+def _model_cases(rank, world, tmp):
+    mine = []
+    for j, (_, p, ranks, *job) in enumerate(MODEL_JOBS):
+        pp, dpg = make_groups(p, 30, ranks)
+        if rank in ranks:
+            mine.append((pp, dpg, *job, os.path.join(tmp, str(j))))
+    for job in mine:
+        _run_model(*job)
+
+
+def test_multimodal_pipeline_equals_one_process(tmp_path):
+    """Images + masked labels + padding through MultimodalLM stages: loss, clipped gradients, frozen
+    parts, tied embeddings, two steps; then stage shards merge into the one-process state."""
+    spawn(_model_cases, 4, str(tmp_path))
