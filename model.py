@@ -141,6 +141,9 @@ class MMConfig:
                    f"llm config is a {type(self.llm).__name__}, llm_type is {self.llm_type!r}"),
                   (self.proj in ("linear", "mlp2"), f"proj {self.proj!r} not in ['linear', 'mlp2']"),
                   (self.loss_norm in ("token", "sample"), f"loss_norm {self.loss_norm!r} not in ['token', 'sample']"),
+                  (0 <= self.image_token_id < getattr(self.llm, "vocab_size", 0),
+                   f"image_token_id {self.image_token_id} outside the LLM vocabulary: use the tokenizer's "
+                   f"id of <|extra_0|>"),
                   (self.qformer.encoder_width == self.vit.width,
                    f"qformer.encoder_width {self.qformer.encoder_width} != vit.width {self.vit.width}")]
         for ok, msg in checks:
@@ -170,12 +173,14 @@ class MMConfig:
                            "llm": llm_cls.preset(p["llm"])})
 
 
+# The public models (the toy's config lives in train.py: its vocabulary comes from its tokenizer)
 MM_PRESETS = {
-    "toy": dict(vit="tiny", qformer="tiny", llm="tiny"),
     "minigpt4qwen": dict(vit="eva_vit_g", qformer="blip2", llm="qwen7b_chat", freeze="pretrain"),
     "mpp-qwen14b": dict(vit="eva_vit_g", qformer="blip2", llm="qwen14b_chat", freeze="pretrain"),
+    # Phi-2's tokenizer has no <|extra_0|>: 50295 is the first embedding row it leaves unused
+    # (51200 rows); the tokenizer must give the image token that id
     "tinygpt-v": dict(vit="eva_vit_g", qformer="blip2", llm_type="phi", llm="tinygptv", proj="mlp2",
-                      freeze="pretrain"),
+                      freeze="pretrain", image_token_id=50295),
 }
 
 

@@ -35,7 +35,7 @@ def tiny_config(llm_type="qwen", **kw):
     else:
         llm = QwenConfig.preset("tiny") if llm_type == "qwen" else PhiConfig.preset("tiny")
     return MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny"), llm=llm, llm_type=llm_type,
-                    image_token_id=IMG, **kw)
+                    **{"image_token_id": IMG, **kw})
 
 
 def tiny_model(seed=0, **kw):
@@ -358,6 +358,9 @@ def test_config_dict_roundtrip():
         MMConfig.from_dict({**tiny_config().to_dict(), "colour": 1})
     with pytest.raises(ValueError, match=r"MMConfig: qformer.encoder_width 64 != vit.width 1408"):
         MMConfig(qformer=QFormerConfig.preset("tiny"))
+    with pytest.raises(ValueError, match=r"MMConfig: image_token_id 151646 outside the LLM vocabulary"):
+        tiny_config(image_token_id=151646)
+    assert {MMConfig.preset(name).llm_type for name in ("minigpt4qwen", "mpp-qwen14b", "tinygpt-v")} == {"qwen", "phi"}
 
 
 @pytest.mark.parametrize("llm_type,proj", [("qwen", "linear"), ("phi", "mlp2")])
