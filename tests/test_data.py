@@ -284,7 +284,7 @@ def split_turns(ids):
     return [(starts[k], starts[k + 1]) for k in range(len(starts) - 1)]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations(), st.integers(1, 3), st.sampled_from([None, "hi there"]))
 def test_chatml_label_mask_invariants(conv, nq, system):
     turns, n_images = conv
@@ -315,7 +315,7 @@ def test_chatml_label_mask_invariants(conv, nq, system):
     assert batch["images"].shape[0] == 2 * n_images
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations(), st.integers(1, 3))
 def test_phi_template_supervises_answers_and_eos_only(conv, nq):
     turns, n_images = conv
