@@ -333,7 +333,7 @@ class MultimodalLM(nn.Module):
         part, cfg = load_checkpoint(llm)
         state.update({"llm." + k: t for k, t in part.items()})
         arch = cfg.pop("arch")
-        config = MMConfig(**sub, llm=LLMS[arch][0](**cfg), llm_type=arch, **overrides)
+        config = MMConfig(**sub, llm=LLMS[arch][0](**cfg), **{"llm_type": arch, **overrides})
         with torch.device("meta"):
             model = cls(config)
         if dtype is not None:

@@ -389,8 +389,10 @@ def test_from_parts_starts_a_random_projection(tmp_path):
     vision.vit, vision.qformer = model.vit, model.qformer
     save_checkpoint(str(tmp_path / "vision"), vision, {"vit": asdict(model.config.vit),
                                                        "qformer": asdict(model.config.qformer)})
-    built = MultimodalLM.from_parts(str(tmp_path / "vision"), str(tmp_path / "llm"), image_token_id=IMG,
+    built = MultimodalLM.from_parts([tmp_path / "vision"], tmp_path / "llm", image_token_id=IMG, llm_type="qwen",
                                     freeze="pretrain")
+    with pytest.raises(ValueError, match=r"MMConfig: llm config is a QwenConfig, llm_type is 'phi'"):
+        MultimodalLM.from_parts(tmp_path / "vision", tmp_path / "llm", image_token_id=IMG, llm_type="phi")
     assert not any(t.is_meta for t in built.state_dict().values())
     assert {n for n, p in built.named_parameters() if p.requires_grad} == {"llm_proj.weight", "llm_proj.bias"}
     ours, theirs = model.state_dict(), built.state_dict()
