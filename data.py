@@ -234,9 +234,11 @@ def encode_conversation(tok, turns, num_query_tokens, n_frames=None, template="c
     <|im_end|> \\n; system and user text (role word included) are -100; in assistant turns the
     role word and its \\n are -100 and the content is kept. `<ImageHere>` in user text becomes
     num_query_tokens image tokens; with n_frames (a video) each `<Img><ImageHere></Img>` first
-    becomes `<Img>` + `<ImageHere>` x n_frames + `</Img>`. `system` is prepended unless the turns
-    start with one (None: no system turn). A conversation ending with a user turn gets the
-    assistant header appended, ready for generation."""
+    becomes `<Img>` + `<ImageHere>` x n_frames + `</Img>`. ChatML: `system` is prepended unless the
+    turns start with one (None: no system turn). A conversation ending with a user turn gets the
+    assistant header appended, ready for generation. template="phi": TinyGPT-V style
+    "[INST] {user} [/INST]" + " {answer}<|endoftext|>", only answers and their end token
+    supervised, no default system prompt (a system turn in `turns` is masked plain text)."""
     ids, labels, _ = _encode(tok, turns, num_query_tokens, n_frames, template, system)
     return ids, labels
 
