@@ -119,11 +119,13 @@ def test_blip2_parity_with_transformers(llm_type, tmp_path):
     ids = torch.tensor([a, b + [0] * (len(a) - len(b))])
     mask = torch.tensor([[1] * len(a), [1] * len(b) + [0] * (len(a) - len(b))])
     pixels = torch.randn(3, 3, 56, 56, generator=g)
+    labels = ids.masked_fill((ids == IMG) | (mask == 0), -100)
     with torch.no_grad():
-        want = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
-        got, _ = model(dict(input_ids=ids, attention_mask=mask, images=pixels))
+        want = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels)
+        got, loss = model(dict(input_ids=ids, attention_mask=mask, images=pixels, labels=labels))
     real = mask.bool()
-    assert (got[real] - want[real]).abs().max() < 1e-4
+    assert (got[real] - want.logits[real]).abs().max() < 1e-4
+    torch.testing.assert_close(loss, want.loss, rtol=1e-5, atol=1e-5)  # loss_norm 'token' = HF's mean
     # greedy continuation of a prompt with image placeholders, with the repetition penalty
     for penalty in (1.0, 1.5):
         out = hf.generate(pixel_values=pixels[:2], input_ids=ids[:1], max_new_tokens=12, do_sample=False,
