@@ -1,0 +1,558 @@
+"""
+Train nanoMPP: the MiniGPT4Qwen / MPP-Qwen-Next recipe (and TinyGPT-V's) as one script.
+
+With no arguments it trains the toy model (the real architecture at tiny sizes) from scratch on
+the built-in synthetic dataset on the CPU, evaluates held-out exact-match accuracy per task and
+writes a checkpoint to out/toy/ where `python chat.py` finds it.
+
+    python train.py                                    # the toy, about 10 minutes on 2 CPU cores
+    python train.py --preset=toy-long                  # longer, aims at 95% on every task
+    python train.py --max_iters=2000 --lr=1e-3         # any Config field as --key=value
+    python train.py --resume                           # continue out/<preset>/ exactly
+    torchrun --nproc_per_node=4 train.py               # data parallel, one node
+    torchrun --nproc_per_node=4 train.py --num_stages=2    # 2 pipeline stages x 2 replicas
+    torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 train.py --preset=mpp-qwen7b-sft
+
+Loss normalisation: the step's loss is sum(per-token or per-sample losses) / count, where count is
+the number of supervised tokens (or samples) of the whole step, all microbatches and all ranks,
+computed before any forward. So accumulation, DDP and the pipeline give the single-batch gradients.
+"""
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from data import IMAGE_TOKEN, VLDataset, collate
+from model import MMConfig, MultimodalLM, supervised_count
+from qformer import QFormerConfig
+from qwen import QwenConfig
+from tokenizer import Tokenizer
+from vit import ViTConfig
+
+
+@dataclass
+class Config:
+    preset: str = "toy"
+    # data: 'synthetic' (built in) or a MiniGPT4Qwen / LLaVA JSON file with its image folder
+    data: str = "synthetic"
+    val_data: str = ""
+    image_root: str = ""
+    synthetic_root: str = "data/synthetic"
+    n_train: int = 7000
+    n_val: int = 800
+    augment: bool = False        # random crop + flip; off for the toy (a flip turns left into right)
+    max_len: int = 256
+    max_frames: int = 2          # video frames the model sees (the synthetic videos have 4)
+    # model: 'toy' (built here) or an MM_PRESETS name; weights from convert.py output
+    model: str = "toy"
+    init: str = ""               # one of our multimodal checkpoints (e.g. a pretrain run's out_dir)
+    init_vision: str = ""        # else: convert.py vision dirs (comma separated), LLM dir, llm_proj
+    init_llm: str = ""
+    init_proj: str = ""
+    tokenizer: str = ""          # a saved Tokenizer dir; default: init's, or the toy's corpus words
+    freeze: str = ""             # comma separated parts (vit,qformer,proj,llm) or 'pretrain'/'sft'
+    loss_norm: str = "sample"
+    image_size: int = 32
+    num_query: int = 16
+    # optimisation: AdamW, linear warmup then cosine to min_lr
+    batch_size: int = 32         # per rank and microbatch
+    grad_accum: int = 1
+    max_iters: int = 1500
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    vision_lr_scale: float = 1.0  # lr multiplier for vit + qformer
+    warmup_iters: int = 100
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "auto"          # 'auto' (bf16 where supported, else fp32), 'bf16', 'fp32'
+    grad_checkpointing: bool = False
+    num_stages: int = 1          # > 1: pipeline parallel (torchrun, world size a multiple of it)
+    schedule: str = "1f1b"
+    # bookkeeping
+    out_dir: str = ""            # default out/<preset>
+    eval_every: int = 500
+    eval_samples: int = 800
+    log_every: int = 10
+    ckpt_every: int = 500
+    resume: bool = False
+    seed: int = 0
+    threads: int = 0             # torch CPU threads; 0 = torch's default
+
+
+PRESETS = {
+    "toy": dict(),
+    "toy-long": dict(max_iters=9000, eval_every=1500, ckpt_every=1500, n_train=20000),
+    # MPP-Qwen-Next stage 1: only llm_proj learns (REFERENCE.md); global batch 256
+    "mpp-qwen7b-pretrain": dict(model="minigpt4qwen", init_vision="checkpoints/eva_vit_g,checkpoints/blip2",
+                                init_llm="checkpoints/qwen7b-chat", tokenizer="checkpoints/qwen7b-chat",
+                                freeze="pretrain", loss_norm="token", image_size=224, num_query=32,
+                                max_len=512, max_frames=32, augment=True, batch_size=8, grad_accum=4,
+                                lr=1e-3, min_lr=0.0, warmup_iters=60, max_iters=2000, eps=1e-7,
+                                dtype="bf16", data="data/llava_pretrain.json", image_root="data/images",
+                                eval_every=0, ckpt_every=200),
+    # stage 2: llm_proj + the whole LLM, from stage 1's checkpoint; global batch 128
+    "mpp-qwen7b-sft": dict(model="minigpt4qwen", init="out/mpp-qwen7b-pretrain", freeze="sft",
+                           loss_norm="token", image_size=224, num_query=32, max_len=1536, max_frames=32,
+                           augment=True, batch_size=4, grad_accum=4, lr=2e-5, min_lr=0.0, warmup_iters=100,
+                           max_iters=1000, eps=1e-7, dtype="bf16", grad_checkpointing=True,
+                           data="data/sft.json", image_root="data/images", eval_every=0, ckpt_every=200),
+    # TinyGPT-V style: Phi-2 with the two-Linear projection, projection first
+    "tinygptv-phi2": dict(model="tinygpt-v", init_vision="checkpoints/eva_vit_g,checkpoints/blip2",
+                          init_llm="checkpoints/phi-2", tokenizer="checkpoints/phi-2", freeze="pretrain",
+                          loss_norm="token", image_size=224, num_query=32, augment=True, batch_size=8,
+                          grad_accum=4, lr=1e-3, min_lr=1e-5, warmup_iters=100, max_iters=2000, dtype="bf16",
+                          data="data/llava_pretrain.json", image_root="data/images", eval_every=0),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_value(key, text, default):
+    kind = type(default)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"--{key}: expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{key}: expected {kind.__name__}, got {text!r}") from None
+
+
+def parse_args(argv):
+    """['--key=value', ...] -> Config: the preset's values, then the overrides, type-checked.
+    A bare `--flag` sets a bool field to true."""
+    defaults, pairs = Config(), []
+    for arg in argv:
+        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
+        if not hasattr(defaults, key) or not arg.startswith("--"):
+            raise ConfigError(f"unknown config key {arg!r}; keys: {', '.join(f.name for f in fields(Config))}")
+        if not eq and type(getattr(defaults, key)) is not bool:
+            raise ConfigError(f"--{key} needs a value: --{key}=...")
+        pairs.append((key, text if eq else "true"))
+    preset = dict(pairs).get("preset", "toy")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    cfg = Config(**PRESETS[preset], preset=preset)
+    for key, text in pairs:
+        setattr(cfg, key, parse_value(key, text, getattr(defaults, key)))
+    cfg.out_dir = cfg.out_dir or os.path.join("out", preset)
+    return cfg
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def sincos_2d(grid, width):
+    """Fixed 2D sin-cos position table [1, 1 + grid^2, width] (MAE); the CLS slot gets zeros.
+    A from-scratch toy learns *where* things are far sooner from this than from random noise."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    freqs = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))
+    table = [f(p.flatten()[:, None] * freqs) for p in (x, y) for f in (torch.sin, torch.cos)]
+    return torch.cat((torch.zeros(1, width), torch.cat(table, 1)))[None]
+
+
+def toy_config(cfg, tok):
+    vit = ViTConfig(img_size=cfg.image_size, patch_size=4, width=64, depth=2, n_head=4, mlp_dim=256)
+    qformer = QFormerConfig(hidden=64, n_layer=2, n_head=4, ffn=256, num_query=cfg.num_query, encoder_width=64,
+                            cross_every=1)
+    llm = replace(QwenConfig.preset("tiny"), vocab_size=-(-tok.n_vocab // 64) * 64, n_layer=2, n_embd=64,
+                  n_head=4, n_kv_head=4, intermediate_size=192, rope_theta=10000.0, max_seq_len=cfg.max_len)
+    return MMConfig(vit=vit, qformer=qformer, llm=llm, loss_norm=cfg.loss_norm, image_token_id=tok.token_id(IMAGE_TOKEN))
+
+
+def build(cfg, words):
+    """(model, tokenizer) from the config: the toy from scratch, or converted checkpoints."""
+    overrides = dict(loss_norm=cfg.loss_norm, **({"freeze": freeze_arg(cfg.freeze)} if cfg.freeze else {}))
+    if cfg.init:
+        model = MultimodalLM.from_checkpoint(cfg.init, **overrides)
+        tok = Tokenizer.load(cfg.tokenizer or cfg.init)
+    elif cfg.model == "toy":
+        tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else Tokenizer.toy(words + ["You", "helpful", "Img"])
+        model = MultimodalLM(replace(toy_config(cfg, tok), **overrides))
+        with torch.no_grad():
+            model.vit.pos_embed.copy_(sincos_2d(model.vit.config.grid, model.vit.config.width))
+    else:
+        tok = Tokenizer.load(cfg.tokenizer)
+        preset = MMConfig.preset(cfg.model)
+        model = MultimodalLM.from_parts(cfg.init_vision.split(","), cfg.init_llm, cfg.init_proj or None,
+                                        llm_type=preset.llm_type, proj=preset.proj, proj_hidden=preset.proj_hidden,
+                                        image_token_id=tok.token_id(IMAGE_TOKEN), **overrides)
+    if cfg.grad_checkpointing:
+        model.vit.grad_checkpointing = True
+        from torch.utils.checkpoint import checkpoint
+        for block in model.llm.layers:  # recompute each decoder block in backward (keys unchanged)
+            block.forward = partial(checkpoint, type(block).forward, block, use_reentrant=False)
+    return model, tok
+
+
+def freeze_arg(text):
+    return text if text in ("pretrain", "sft") else tuple(p for p in text.split(",") if p)
+
+
+class Cached(torch.utils.data.Dataset):
+    """Without augmentation an item never changes: decode each image/video once, keep it in memory."""
+
+    def __init__(self, ds):
+        self.ds, self.items = ds, {}
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if i not in self.items:
+            self.items[i] = self.ds[i]
+        return self.items[i]
+
+
+def datasets(cfg, tok, nq):
+    words, chance = [], None
+    if cfg.data == "synthetic":
+        from synthetic import make_synthetic
+        d = make_synthetic(cfg.synthetic_root, cfg.seed, cfg.n_train, cfg.n_val, cfg.image_size)
+        train_json, val_json, root, words = d["train"], d["val"], d["image_root"], d["words"]
+    else:
+        train_json, val_json, root = cfg.data, cfg.val_data, cfg.image_root
+    make = lambda path, train: VLDataset(path, root, tok, nq, cfg.image_size, cfg.max_len, train=train,
+                                         max_frames=cfg.max_frames)
+    if tok is None:
+        return words
+    train = make(train_json, cfg.augment)
+    val = Cached(make(val_json, False)) if val_json else None
+    if val_json:
+        from synthetic import chance_levels
+        with open(val_json) as f:
+            rows = [r for r in json.load(f) if "task" in r]
+        chance = chance_levels(rows) if rows else None
+    return (train if cfg.augment else Cached(train)), val, chance
+
+
+def step_batches(cfg, ds, pad_id, dp_rank, dp_size, step):
+    """Yield the microbatches of step, step+1, ...: each epoch is a DistributedSampler permutation
+    (keyed by seed, epoch and DP rank), so the data position is just the step number."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    sampler = torch.utils.data.DistributedSampler(ds, dp_size, dp_rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    per_epoch = len(sampler) // per_step
+    if per_epoch == 0:
+        raise ValueError(f"{len(ds)} training samples are fewer than one step needs ({per_step * dp_size})")
+    fixed = cfg.max_len if cfg.num_stages > 1 else None  # the pipeline sends static shapes
+    while True:
+        epoch, k = divmod(step, per_epoch)
+        sampler.set_epoch(epoch)
+        idx = list(sampler)[k * per_step:(k + 1) * per_step]
+        yield [collate([ds[i] for i in idx[m:m + cfg.batch_size]], pad_id, fixed)
+               for m in range(0, per_step, cfg.batch_size)]
+        step += 1
+
+
+def lr_at(cfg, step):
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    t = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def answer_split(item):
+    """(prompt ids, gold answer ids) of an item: the last assistant answer is the final run of
+    supervised labels, i.e. answer + <|im_end|> + '\\n'; the prompt is everything before it."""
+    sup = (item["labels"] != -100).tolist()
+    end = len(sup) - sup[::-1].index(True)
+    start = end
+    while start > 0 and sup[start - 1]:
+        start -= 1
+    return item["input_ids"][:start], item["input_ids"][start:end - 2].tolist()
+
+
+@torch.no_grad()
+def evaluate(model, ds, tok, cfg, ctx, batch_size=100):
+    """Held-out loss and greedy exact-match accuracy of the final answer, per task."""
+    model.eval()
+    stop = [tok.token_id("<|im_end|>"), tok.token_id("<|im_start|>")]
+    pad = tok.token_id("<|endoftext|>")
+    hits, loss, count = {}, 0.0, 0
+    for lo in range(0, min(len(ds), cfg.eval_samples), batch_size):
+        items = [ds[i] for i in range(lo, min(lo + batch_size, len(ds), cfg.eval_samples))]
+        batch = collate(items, pad)
+        with ctx:
+            loss += model(batch, count=1)[1].item()  # count=1: the summed loss
+        count += supervised_count(batch, cfg.loss_norm)
+        prompts, golds = zip(*map(answer_split, items))
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(items), T), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(prompts):  # left padding for batched generation
+            ids[j, T - len(p):], mask[j, T - len(p):] = p, 1
+        with ctx:
+            out = model.generate(ids, batch["images"], mask, max_new_tokens=max(map(len, golds)) + 1, stop_ids=stop)
+        for item, o, g in zip(items, out, golds):
+            hits.setdefault(item.get("task", "all"), []).append(o == g)
+    model.train()
+    return loss / max(count, 1), {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+
+
+def accuracy_table(acc, chance):
+    lines = [f"{'task':10s} {'exact match':>11s} {'chance':>7s}"]
+    for task, a in acc.items():
+        c = chance.get(task) if chance else None
+        lines.append(f"{task:10s} {a:11.1%} {'' if c is None else format(c, '7.1%')}")
+    return "\n".join(lines)
+
+
+def plot_losses(path, train, val):
+    """Loss curve PNG with Pillow: train loss (blue) and held-out loss (red dots) against step."""
+    from PIL import Image, ImageDraw
+    W, H, m = 640, 400, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    pts = train + val
+    if pts:
+        x1, y1 = max(p[0] for p in pts) or 1, max(p[1] for p in pts) or 1
+        xy = lambda s, l: (m + s / x1 * (W - 2 * m), H - m - l / y1 * (H - 2 * m))
+        d.line([xy(*p) for p in train], fill=(30, 80, 200), width=2)
+        for p in val:
+            x, y = xy(*p)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(200, 40, 40))
+        d.text((m, 8), f"loss (max {y1:.2f}) vs step (max {x1}); blue train, red held-out", fill="black")
+    d.line([(m, m), (m, H - m), (W - m, H - m)], fill="black")
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save(cfg, model, tok, opt, step, runner=None):
+    """Weights (our format, chat.py loads it) + optimizer + step (the data position), each file
+    written atomically; train_state.pt goes last and names the step the weights belong to."""
+    buf = io.BytesIO()
+    torch.save({"optimizer": opt.state_dict(), "step": step}, buf)
+    if runner is not None:  # every stage writes its shard and optimizer; rank 0 merges the weights
+        from convert import load_into
+        from pipeline import merge_stage_shards
+        runner.save_shard(os.path.join(cfg.out_dir, "stages"))
+        if dist.get_rank(runner.dp_group) == 0:
+            with open(os.path.join(cfg.out_dir, "stages", f"train_state{runner.stage}.pt.tmp"), "wb") as f:
+                f.write(buf.getvalue())
+            os.replace(f.name, f.name[:-4])
+        dist.barrier()
+        if dist.get_rank() != 0:
+            return
+        paths = [os.path.join(cfg.out_dir, "stages", f"stage{s}-of-{cfg.num_stages}.safetensors") for s in range(cfg.num_stages)]
+        with torch.device("meta"):
+            model = MultimodalLM(MMConfig.from_dict(runner.config_dict))
+        model = load_into(model, merge_stage_shards(paths))
+        buf = io.BytesIO()
+        torch.save({"step": step}, buf)
+    tok.save(cfg.out_dir)
+    model.save(cfg.out_dir, extra={"train_state.pt": buf.getvalue()}, train={**asdict(cfg), "step": step})
+
+
+def load_train_state(cfg, stage=None):
+    name = "train_state.pt" if stage is None else os.path.join("stages", f"train_state{stage}.pt")
+    path = os.path.join(cfg.out_dir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: {path} not found (no checkpoint in {cfg.out_dir})")
+    state = torch.load(path, weights_only=True)
+    with open(os.path.join(cfg.out_dir, "config.json")) as f:
+        saved = json.load(f)["train"]["step"]
+    if saved != state["step"]:
+        raise ValueError(f"--resume: {cfg.out_dir} is inconsistent (weights at step {saved}, "
+                         f"optimizer at step {state['step']})")
+    return state
+
+# ----------------------------------------------------------------------------- training
+
+
+class Interrupt:
+    """First Ctrl-C: finish the current step, save, exit. Second: stop at once."""
+
+    def __init__(self):
+        self.hit = False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, *_):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+
+def train(cfg):
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    runner = pp_group = None
+    if cfg.num_stages > 1:
+        if not ddp:
+            raise ValueError(f"--num_stages={cfg.num_stages} needs torchrun with a multiple of {cfg.num_stages} processes")
+        from pipeline import init_distributed
+        device, pp_group, dp_group = init_distributed(cfg.num_stages)
+    elif ddp:
+        from pipeline import pick_device, BACKENDS
+        device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(BACKENDS[device.type])
+        dp_group = dist.group.WORLD
+    else:
+        device, dp_group = torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    rank = dist.get_rank() if ddp else 0
+    dp_rank, dp_size = (dist.get_rank(dp_group), dist.get_world_size(dp_group)) if ddp else (0, 1)
+    master = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()  # the one autocast
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model, tok = build(cfg, datasets(cfg, None, 0) if cfg.model == "toy" and not cfg.tokenizer else [])
+    model.to(device)
+    train_ds, val_ds, chance = datasets(cfg, tok, model.config.qformer.num_query)
+    pad = tok.token_id("<|endoftext|>")
+    if runner is None and cfg.num_stages > 1:
+        from pipeline import PipelineRunner
+        config_dict = model.config.to_dict()
+        runner = PipelineRunner(model, cfg.num_stages, cfg.schedule, pp_group, dp_group, device=device, seq_len=cfg.max_len)
+        runner.config_dict = config_dict
+        module = runner.module
+    else:
+        module = model
+    vision = [p for n, p in module.named_parameters() if p.requires_grad and n.startswith(("vit.", "qformer."))]
+    rest = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith(("vit.", "qformer."))]
+    groups = [dict(params=vision, scale=cfg.vision_lr_scale), dict(params=rest, scale=1.0)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.eps, weight_decay=cfg.weight_decay)
+    step = 0
+    if cfg.resume:
+        state = load_train_state(cfg, runner.stage if runner else None)
+        if runner:
+            runner.load_shard(os.path.join(cfg.out_dir, "stages"))
+        else:
+            from convert import load_checkpoint, load_into
+            load_into(model, load_checkpoint(cfg.out_dir)[0])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+    net = model
+    if ddp and runner is None:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model)
+
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(train_ds)} train / "
+              f"{len(val_ds) if val_ds else 0} held-out samples, {dp_size} data-parallel x {cfg.num_stages} "
+              f"stage(s), {'bf16' if bf16 else 'fp32'} on {device.type}, out_dir {cfg.out_dir}")
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    curve, val_curve, good_step = [], [], step
+    stop = Interrupt()
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
+    batches = step_batches(cfg, train_ds, pad, dp_rank, dp_size, step)
+    t0, tokens = time.time(), 0
+    acc = {}
+
+    def log(record):
+        if master:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    def run_eval():
+        if not (master and val_ds):
+            return {}
+        eval_model = model if runner is None else MultimodalLM.from_checkpoint(cfg.out_dir).to(device)
+        val_loss, acc = evaluate(eval_model, val_ds, tok, cfg, ctx)
+        val_curve.append((step, val_loss))
+        log(dict(step=step, val_loss=val_loss, accuracy=acc))
+        bar.write(f"step {step}: held-out loss {val_loss:.4f}, exact match " +
+                  ", ".join(f"{t} {a:.0%}" for t, a in acc.items()))
+        return acc
+
+    while step < cfg.max_iters and not stop.hit:
+        micro = next(batches)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step) * g["scale"]
+        # The step's denominator, known before any forward: supervised tokens (or samples) of all
+        # microbatches on all data-parallel ranks.
+        count = torch.tensor(sum(supervised_count(mb, cfg.loss_norm) for mb in micro))
+        if ddp:
+            dist.all_reduce(count, group=dp_group)
+        count = max(int(count), 1)
+        if runner:
+            loss = runner.step(micro, count)
+            norm = runner.clip_grad_norm_(cfg.grad_clip)
+        else:
+            loss = torch.zeros(())
+            for i, mb in enumerate(micro):
+                mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
+                # DDP averages gradients over ranks; our loss is already divided by the global
+                # count, so scale by dp_size to get the sum. Sync only on the last microbatch.
+                sync = nullcontext() if not ddp or i == len(micro) - 1 else net.no_sync()
+                with sync:
+                    with ctx:
+                        part = net(mb, count)[1]
+                    (part * dp_size).backward()
+                loss += part.detach().float()
+            if ddp:
+                dist.all_reduce(loss, group=dp_group)
+            loss = loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        if not math.isfinite(loss):
+            bar.close()
+            raise FloatingPointError(f"step {step}: loss is {loss}; stopping without saving. The last good "
+                                     f"checkpoint in {cfg.out_dir} (step {good_step}) is intact.")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += sum(int(mb["attention_mask"].sum()) for mb in micro) * dp_size
+        curve.append((step, loss))
+        if step % cfg.log_every == 0 or step == cfg.max_iters:
+            tps = tokens / (time.time() - t0)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+            log(dict(step=step, loss=loss, lr=lr_at(cfg, step - 1), grad_norm=float(norm) if norm is not None else None,
+                     tokens_per_s=tps, time=time.time() - t0))
+        bar.update(1)
+        if stop.hit or step == cfg.max_iters or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            save(cfg, model, tok, opt, step, runner) if (master or runner) else None
+            good_step = step
+        if val_ds and (step == cfg.max_iters or (cfg.eval_every and step % cfg.eval_every == 0)):
+            acc = run_eval()
+    bar.close()
+    if master:
+        if stop.hit:
+            print(f"interrupted: saved step {step} to {cfg.out_dir}; continue with --resume")
+        plot_losses(os.path.join(cfg.out_dir, "loss.png"), curve, val_curve)
+        metrics.close()
+        if acc:
+            print(f"held-out exact match after {step} steps ({time.time() - t0:.0f}s):\n" + accuracy_table(acc, chance))
+        print(f"checkpoint: {cfg.out_dir}  (python chat.py --ckpt {cfg.out_dir})")
+    if ddp:
+        dist.destroy_process_group()
+    return curve, acc
+
+
+def main(argv=None):
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
