@@ -29,6 +29,110 @@ def timeit(fn, repeat=5, warmup=1):
 
 # --- decode ---
 
+def _decode_pair(preset, dtype):
+    """Random weights shared by transformers' Qwen2ForCausalLM and our Qwen (no copy: our model
+    adopts the reference's tensors)."""
+    import transformers
+    from convert import QWEN2_IGNORE, QWEN2_RULES, build_llm, load_into, remap
+    from qwen import QwenConfig
+    c = QwenConfig.preset(preset)
+    hc = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta, rms_norm_eps=c.rms_eps,
+        tie_word_embeddings=c.tie_embeddings)
+    torch.manual_seed(0)
+    ref = transformers.Qwen2ForCausalLM(hc).to(dtype).eval()
+    ours = load_into(build_llm("qwen", c, dtype), remap(ref.state_dict(), QWEN2_RULES, QWEN2_IGNORE)).eval()
+    return ref, ours
+
+
+def _floor(model, prompt_len, new_tokens):
+    """The decode's matrix products with no model code: the prompt through every weight once,
+    then one matrix-vector product per weight per new token."""
+    weights = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(1, prompt_len, w.shape[1], dtype=w.dtype) for w, _ in weights}
+    vs = {k: x[:, :1].clone() for k, x in xs.items()}
+
+    def run():
+        for w, b in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w, b)
+        for _ in range(new_tokens):
+            for w, b in weights:
+                torch.nn.functional.linear(vs[w.shape[1]], w, b)
+    return run
+
+
+def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtypes="float32,bfloat16"):
+    """Greedy decode tokens/s, ours vs transformers generate vs the floor; 2 threads, 64-token
+    prompt. A/B/floor runs alternate; medians of `repeat`."""
+    torch.set_num_threads(2)
+    n, repeat, prompt_len = int(new_tokens), int(repeat), 64
+    print(f"greedy decode, batch 1, prompt {prompt_len}, {n} new tokens, {torch.get_num_threads()} threads, "
+          f"median of {repeat}; tokens/s (new tokens / generate time incl. prefill)")
+    print(f"{'model':14} {'dtype':9} {'ours':>8} {'hf':>8} {'floor':>8} {'ours/hf':>8} {'ours/floor':>10}  same tokens")
+    for preset in presets.split(","):
+        for dtype in dtypes.split(","):
+            ref, ours = _decode_pair(preset, getattr(torch, dtype))
+            idx = torch.randint(0, ours.config.vocab_size, (1, prompt_len))
+            ones = torch.ones_like(idx)
+            fns = {
+                "ours": lambda: ours.generate(idx, n),
+                "hf": lambda: ref.generate(idx, attention_mask=ones, max_new_tokens=n, do_sample=False,
+                                           pad_token_id=0)[:, prompt_len:],
+                "floor": _floor(ours, prompt_len, n),
+            }
+            with torch.no_grad():
+                same = torch.equal(fns["ours"](), fns["hf"]())  # also the warm-up
+                fns["floor"]()
+                times = {k: [] for k in fns}
+                for _ in range(repeat):
+                    for k, fn in fns.items():
+                        times[k].append(timeit(fn, repeat=1, warmup=0))
+            tps = {k: n / statistics.median(v) for k, v in times.items()}
+            print(f"{preset:14} {dtype:9} {tps['ours']:8.1f} {tps['hf']:8.1f} {tps['floor']:8.1f} "
+                  f"{tps['ours'] / tps['hf']:7.2f}x {tps['ours'] / tps['floor']:9.0%}  {same}", flush=True)
+            del ref, ours, fns
+
+
+def _peak_rss_child(mode, src, dst):
+    """Run in a fresh process: peak RSS (MB) above the post-import baseline for one loading job."""
+    import resource
+    import convert  # noqa: F401  (imports counted in the baseline)
+    import transformers
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if mode == "convert":  # HF dir -> our checkpoint
+        convert.convert_qwen2(src, dst)
+    elif mode == "ours":  # our checkpoint -> model, then touch every weight
+        model, _ = convert.load_llm(dst)
+        sum(float(p.float().sum()) for p in model.parameters())
+    else:  # the reference: transformers from_pretrained, every weight touched
+        model = transformers.Qwen2ForCausalLM.from_pretrained(src)
+        sum(float(p.float().sum()) for p in model.parameters())
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+
+
+def bench_load(preset="qwen2.5-0.5b", dtype="bfloat16"):
+    """Peak resident memory while converting / loading, against the size of the weights."""
+    import os
+    import subprocess
+    import tempfile
+    ref, _ = _decode_pair(preset, getattr(torch, dtype))
+    size = sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "hf"), os.path.join(d, "ours")
+        ref.save_pretrained(src)
+        del ref
+        print(f"{preset} {dtype}: weights {size:.0f} MB; peak RSS above the post-import baseline:")
+        for mode, what in [("convert", "python convert.py qwen2 (HF dir -> ours)"),
+                           ("ours", "convert.load_llm + touch every weight"),
+                           ("hf", "transformers from_pretrained + touch every weight")]:
+            code = f"import bench; bench._peak_rss_child({mode!r}, {src!r}, {dst!r})"
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            mb = float(out.stdout.split()[-1])
+            print(f"  {what:52} {mb:7.0f} MB = {mb / size:.2f}x weights", flush=True)
+
 # --- vision ---
 
 def _vision_pair(vit_cfg, qformer_cfg):
@@ -79,7 +183,7 @@ def bench_vision(which="all"):
                     diff = (ours.qformer(ours.vit(x)).float() - hf.get_qformer_features(x).float()).abs().max().item()
                     # alternate the two so that load from other processes hits both alike
                     t_ours, t_hf = [], []
-                    for _ in range(2 if name == "eva" else 3):
+                    for _ in range(1 if name == "eva" else 3):
                         t_ours.append(timeit(lambda: ours.qformer(ours.vit(x)), repeat=1, warmup=0))
                         t_hf.append(timeit(lambda: hf.get_qformer_features(x), repeat=1, warmup=0))
                     t_ours, t_hf = statistics.median(t_ours), statistics.median(t_hf)
@@ -88,6 +192,125 @@ def bench_vision(which="all"):
         del ours, hf
 
 # --- pipeline ---
+
+def _pipeline_worker(rank, port, steps, warmup, m):
+    """One of 2 gloo processes: our 1F1B/GPipe and torch.distributed.pipelining's on the same stages."""
+    import copy
+    import os
+    import torch.distributed as dist
+    from datetime import timedelta
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from model import MMConfig, MultimodalLM, loss_sum, supervised_count
+    from pipeline import PipelineRunner, make_groups
+    from qformer import QFormerConfig
+    from qwen import QwenConfig
+    from vit import ViTConfig
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
+    # each implementation on its own group: gloo matches messages per pair and group in order
+    (ours_pp, dp), torch_pp = make_groups(2, 120), {s: make_groups(2, 120)[0] for s in ("1f1b", "gpipe")}
+    torch.manual_seed(0)
+    llm = QwenConfig(vocab_size=2048, n_layer=8, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=704)
+    cfg = MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny"), llm=llm, freeze="sft",
+                   image_token_id=5)
+    runner = PipelineRunner(MultimodalLM(cfg), 2, "1f1b", ours_pp, dp, timeout=120)
+    b, T = 2, 128
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(6, 2048, (m * b, T), generator=g)
+    ids[:, 1:9] = 5  # one image (8 query tokens) per sequence
+    images = torch.randn(m * b, 3, 56, 56, generator=g)
+    labels = ids.masked_fill(torch.rand(m * b, T, generator=g) < 0.5, -100)
+    count = supervised_count(dict(labels=labels))
+    mbs = [dict(input_ids=ids[j * b:(j + 1) * b], images=images[j * b:(j + 1) * b], labels=labels[j * b:(j + 1) * b])
+           for j in range(m)]
+
+    class Positional(torch.nn.Module):  # torch moves positional tensors only; same module, same stage_forward
+        def __init__(self):
+            super().__init__()
+            self.module = runner.module
+
+        def forward(self, *args):
+            return runner.stage_forward(None, dict(input_ids=args[0], images=args[1])) if rank == 0 else \
+                runner.stage_forward(args[0], {})
+    wrapped = Positional()
+    scheds = {s: cls(PipelineStage(wrapped, rank, 2, torch.device("cpu"), group=torch_pp[s]), m, scale_grads=False,
+                     loss_fn=lambda logits, target: loss_sum(logits, target) / count)
+              for s, cls in (("1f1b", Schedule1F1B), ("gpipe", ScheduleGPipe))}
+
+    def run(impl):
+        who, schedule = impl.split()
+        if who == "ours":
+            runner.schedule = schedule
+            runner.step(mbs, count)
+        elif rank == 0:
+            scheds[schedule].step(ids, images)
+        else:
+            scheds[schedule].step(target=labels, losses=[])
+
+    params = [p for p in runner.module.parameters() if p.requires_grad]
+    impls = ["ours 1f1b", "torch 1f1b", "ours gpipe", "torch gpipe"]
+    worst = torch.zeros(2, dtype=torch.float64)
+    for j, schedule in enumerate(("1f1b", "gpipe")):  # equal gradients first
+        grads = []
+        for who in ("ours", "torch"):
+            run(f"{who} {schedule}")
+            grads.append([p.grad.clone() for p in params])
+            for p in params:
+                p.grad = None
+        worst[j] = max(((a - c).abs().max() / c.abs().max()).item() for a, c in zip(*grads))
+    times = {impl: [] for impl in impls}
+    stats = {impl: [] for impl in impls if impl.startswith("ours")}
+    for step in range(warmup + steps):
+        for impl in impls if step % 2 else impls[::-1]:  # alternate the order A/B
+            dist.barrier()
+            t0 = time.perf_counter()
+            run(impl)
+            dt = time.perf_counter() - t0
+            dist.barrier()
+            for p in params:
+                p.grad = None
+            if step >= warmup:
+                times[impl].append(dt)
+                if impl in stats:
+                    stats[impl].append(dict(runner.stats))
+    # step time = slowest rank; bubble = mean idle fraction; saved bytes = peak per rank
+    t = torch.tensor([times[i] for i in impls], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    info = torch.zeros(2, 2, 2, dtype=torch.float64)  # [schedule, rank, (bubble, saved bytes)]
+    for k, impl in enumerate(("ours 1f1b", "ours gpipe")):
+        info[k, rank] = torch.tensor([statistics.median(s["bubble"] for s in stats[impl]),
+                                      stats[impl][-1]["peak_saved_bytes"]])
+    dist.all_reduce(info)
+    if rank == 0:
+        med = {impl: statistics.median(t[k].tolist()) for k, impl in enumerate(impls)}
+        p = 2
+        print(f"pipeline: p=2 stages on 2 gloo processes, 1 thread each; MultimodalLM (tiny vision, 8 Qwen blocks "
+              f"of width 256), m={m} microbatches of {b} x {T} tokens; median of {steps} steps after {warmup} "
+              f"warm-up, step time = slowest rank")
+        print(f"gradients ours vs torch: max |diff| / max |grad| = {worst[0]:.1e} (1F1B), {worst[1]:.1e} (GPipe)")
+        print(f"{'schedule':9} {'ours ms':>8} {'torch ms':>9} {'ratio':>6}  {'bubble measured (r0, r1)':>25}  (p-1)/(m+p-1)")
+        for k, s in enumerate(("1f1b", "gpipe")):
+            o, tt = med[f"ours {s}"], med[f"torch {s}"]
+            print(f"{s:9} {o * 1e3:8.1f} {tt * 1e3:9.1f} {tt / o:6.2f}  {info[k, 0, 0]:12.3f} {info[k, 1, 0]:6.3f}"
+                  f"        {(p - 1) / (m + p - 1):.3f}")
+        g_mb, f_mb = info[1, :, 1] / 2**20, info[0, :, 1] / 2**20
+        print(f"saved activations, peak per rank: GPipe {g_mb[0]:.1f} / {g_mb[1]:.1f} MB, 1F1B {f_mb[0]:.1f} / "
+              f"{f_mb[1]:.1f} MB; 1F1B/GPipe rank 0 = {f_mb[0] / g_mb[0]:.3f} (goal <= p/m = {p / m:.3f})")
+        print("ratio = torch / ours (> 1.0: ours faster). Shared 2-core machine: timings are noisy, memory is exact.")
+    dist.destroy_process_group()
+
+
+def bench_pipeline(steps="10", warmup="2", m="8"):
+    """`python bench.py pipeline [steps] [warmup] [m]`: ours vs torch.distributed.pipelining, 2 processes."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_pipeline_worker, args=(port, int(steps), int(warmup), int(m)), nprocs=2, start_method="spawn")
+
 
 # --- chat ---
 
