@@ -377,12 +377,44 @@ def load_train_state(cfg, stage=None):
 # ----------------------------------------------------------------------------- training
 
 
+def step_count(micro, loss_norm, dp_group=None):
+    """The step's loss denominator, known before any forward: supervised tokens (or samples) of
+    all its microbatches on all data-parallel ranks."""
+    count = torch.tensor(sum(supervised_count(mb, loss_norm) for mb in micro))
+    if dp_group is not None:
+        dist.all_reduce(count, group=dp_group)
+    return max(int(count), 1)
+
+
+def forward_backward(net, micro, count, ctx, device, dp_group=None):
+    """Accumulate the gradients of one step (loss = sum / count over all microbatches and ranks);
+    returns the step's loss. net is the model, or its DistributedDataParallel wrapper."""
+    dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+    loss = torch.zeros((), device=device)
+    for i, mb in enumerate(micro):
+        mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
+        # DDP averages gradients over ranks, but each rank's loss is already divided by the global
+        # count: scale by dp_size so the average is the sum. Sync only after the last microbatch.
+        sync = net.no_sync() if dp_group is not None and i < len(micro) - 1 else nullcontext()
+        with sync:
+            with ctx:
+                part = net(mb, count)[1]
+            (part * dp_size).backward()
+        loss += part.detach().float()
+    if dp_group is not None:
+        dist.all_reduce(loss, group=dp_group)
+    return loss.item()
+
+
 class Interrupt:
     """First Ctrl-C: finish the current step, save, exit. Second: stop at once."""
 
     def __init__(self):
         self.hit = False
-        signal.signal(signal.SIGINT, self.handle)
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def close(self):
+        signal.signal(signal.SIGINT, self.previous)
 
     def handle(self, *_):
         if self.hit:
@@ -477,56 +509,40 @@ def train(cfg):
                   ", ".join(f"{t} {a:.0%}" for t, a in acc.items()))
         return acc
 
-    while step < cfg.max_iters and not stop.hit:
-        micro = next(batches)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step) * g["scale"]
-        # The step's denominator, known before any forward: supervised tokens (or samples) of all
-        # microbatches on all data-parallel ranks.
-        count = torch.tensor(sum(supervised_count(mb, cfg.loss_norm) for mb in micro))
-        if ddp:
-            dist.all_reduce(count, group=dp_group)
-        count = max(int(count), 1)
-        if runner:
-            loss = runner.step(micro, count)
-            norm = runner.clip_grad_norm_(cfg.grad_clip)
-        else:
-            loss = torch.zeros(())
-            for i, mb in enumerate(micro):
-                mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
-                # DDP averages gradients over ranks; our loss is already divided by the global
-                # count, so scale by dp_size to get the sum. Sync only on the last microbatch.
-                sync = nullcontext() if not ddp or i == len(micro) - 1 else net.no_sync()
-                with sync:
-                    with ctx:
-                        part = net(mb, count)[1]
-                    (part * dp_size).backward()
-                loss += part.detach().float()
-            if ddp:
-                dist.all_reduce(loss, group=dp_group)
-            loss = loss.item()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        if not math.isfinite(loss):
-            bar.close()
-            raise FloatingPointError(f"step {step}: loss is {loss}; stopping without saving. The last good "
-                                     f"checkpoint in {cfg.out_dir} (step {good_step}) is intact.")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens += sum(int(mb["attention_mask"].sum()) for mb in micro) * dp_size
-        curve.append((step, loss))
-        if step % cfg.log_every == 0 or step == cfg.max_iters:
-            tps = tokens / (time.time() - t0)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
-            log(dict(step=step, loss=loss, lr=lr_at(cfg, step - 1), grad_norm=float(norm) if norm is not None else None,
-                     tokens_per_s=tps, time=time.time() - t0))
-        bar.update(1)
-        if stop.hit or step == cfg.max_iters or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
-            save(cfg, model, tok, opt, step, runner) if (master or runner) else None
-            good_step = step
-        if val_ds and (step == cfg.max_iters or (cfg.eval_every and step % cfg.eval_every == 0)):
-            acc = run_eval()
-    bar.close()
+    try:
+        while step < cfg.max_iters and not stop.hit:
+            micro = next(batches)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step) * g["scale"]
+            count = step_count(micro, cfg.loss_norm, dp_group if ddp else None)
+            if runner:
+                loss = runner.step(micro, count)
+                norm = runner.clip_grad_norm_(cfg.grad_clip)
+            else:
+                loss = forward_backward(net, micro, count, ctx, device, dp_group if ddp else None)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss}; stopping without saving. The last good "
+                                         f"checkpoint in {cfg.out_dir} (step {good_step}) is intact.")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens += sum(int(mb["attention_mask"].sum()) for mb in micro) * dp_size
+            curve.append((step, loss))
+            if step % cfg.log_every == 0 or step == cfg.max_iters:
+                tps = tokens / (time.time() - t0)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+                log(dict(step=step, loss=loss, lr=lr_at(cfg, step - 1), grad_norm=float(norm) if norm is not None else None,
+                         tokens_per_s=tps, time=time.time() - t0))
+            bar.update(1)
+            if stop.hit or step == cfg.max_iters or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                save(cfg, model, tok, opt, step, runner) if (master or runner) else None
+                good_step = step
+            if val_ds and (step == cfg.max_iters or (cfg.eval_every and step % cfg.eval_every == 0)):
+                acc = run_eval()
+    finally:
+        stop.close()
+        bar.close()
     if master:
         if stop.hit:
             print(f"interrupted: saved step {step} to {cfg.out_dir}; continue with --resume")
