@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 
 import torch
 
@@ -66,7 +67,8 @@ def _read_safetensors(path):
 
 def _read_torch(path):
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs the zip format (torch >= 1.6); older files are read into memory
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: refusing to unpickle: the file holds Python objects other than "
@@ -201,6 +203,9 @@ def load_into(module, state):
         for key, canon in alias.items():  # re-tie: point the alias at the (new) canonical tensor
             owner, _, name = key.rpartition(".")
             setattr(module.get_submodule(owner), name, module.get_parameter(canon))
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # e.g. a non-persistent buffer of a model built on the meta device
+        raise CheckpointError(f"still on the meta device after loading: {_few(left)}")
     return module
 
 
@@ -410,23 +415,25 @@ VIT_TABLE = [
     ("blocks.{n}.mlp.fc2",     "encoder.layers.{n}.mlp.fc2"),
 ]
 
-# ours (qformer.*)               LAVIS (under Qformer.bert.)                 HF (under qformer.)
-QFORMER_TABLE = [
-    ("norm",                     "embeddings.LayerNorm",                     "layernorm"),
-    ("layers.{n}.self_attn.query", "encoder.layer.{n}.attention.self.query",  "encoder.layer.{n}.attention.attention.query"),
-    ("layers.{n}.self_attn.key",   "encoder.layer.{n}.attention.self.key",    "encoder.layer.{n}.attention.attention.key"),
-    ("layers.{n}.self_attn.value", "encoder.layer.{n}.attention.self.value",  "encoder.layer.{n}.attention.attention.value"),
-    ("layers.{n}.self_attn.dense", "encoder.layer.{n}.attention.output.dense", "encoder.layer.{n}.attention.output.dense"),
-    ("layers.{n}.self_attn.norm",  "encoder.layer.{n}.attention.output.LayerNorm", "encoder.layer.{n}.attention.output.LayerNorm"),
-    ("layers.{n}.cross_attn.query", "encoder.layer.{n}.crossattention.self.query", "encoder.layer.{n}.crossattention.attention.query"),
-    ("layers.{n}.cross_attn.key",   "encoder.layer.{n}.crossattention.self.key",   "encoder.layer.{n}.crossattention.attention.key"),
-    ("layers.{n}.cross_attn.value", "encoder.layer.{n}.crossattention.self.value", "encoder.layer.{n}.crossattention.attention.value"),
-    ("layers.{n}.cross_attn.dense", "encoder.layer.{n}.crossattention.output.dense", "encoder.layer.{n}.crossattention.output.dense"),
-    ("layers.{n}.cross_attn.norm",  "encoder.layer.{n}.crossattention.output.LayerNorm", "encoder.layer.{n}.crossattention.output.LayerNorm"),
-    ("layers.{n}.mlp.fc1",       "encoder.layer.{n}.intermediate_query.dense", "encoder.layer.{n}.intermediate_query.dense"),
-    ("layers.{n}.mlp.fc2",       "encoder.layer.{n}.output_query.dense",     "encoder.layer.{n}.output_query.dense"),
-    ("layers.{n}.mlp.norm",      "encoder.layer.{n}.output_query.LayerNorm", "encoder.layer.{n}.output_query.LayerNorm"),
+# ours (qformer.layers.{n}.)  LAVIS (Qformer.bert.encoder.layer.{n}.)  HF (qformer.encoder.layer.{n}.)
+QFORMER_LAYER_TABLE = [
+    ("self_attn.query",  "attention.self.query",                "attention.attention.query"),
+    ("self_attn.key",    "attention.self.key",                  "attention.attention.key"),
+    ("self_attn.value",  "attention.self.value",                "attention.attention.value"),
+    ("self_attn.dense",  "attention.output.dense",              "attention.output.dense"),
+    ("self_attn.norm",   "attention.output.LayerNorm",          "attention.output.LayerNorm"),
+    ("cross_attn.query", "crossattention.self.query",           "crossattention.attention.query"),
+    ("cross_attn.key",   "crossattention.self.key",             "crossattention.attention.key"),
+    ("cross_attn.value", "crossattention.self.value",           "crossattention.attention.value"),
+    ("cross_attn.dense", "crossattention.output.dense",         "crossattention.output.dense"),
+    ("cross_attn.norm",  "crossattention.output.LayerNorm",     "crossattention.output.LayerNorm"),
+    ("mlp.fc1",          "intermediate_query.dense",            "intermediate_query.dense"),
+    ("mlp.fc2",          "output_query.dense",                  "output_query.dense"),
+    ("mlp.norm",         "output_query.LayerNorm",              "output_query.LayerNorm"),
 ]
+QFORMER_TABLE = [("norm", "embeddings.LayerNorm", "layernorm")] + [  # + the per-layer rows, prefixed
+    tuple(prefix + name for prefix, name in zip(("layers.{n}.", "encoder.layer.{n}.", "encoder.layer.{n}."), row))
+    for row in QFORMER_LAYER_TABLE]
 
 # Keys of BLIP-2 checkpoints that the query path never reads (BERT text path, LM projections,
 # stage-1 contrastive/matching heads); anything else unknown is an error.
