@@ -211,7 +211,8 @@ def _pipeline_worker(rank, port, steps, warmup, m):
     # each implementation on its own group: gloo matches messages per pair and group in order
     (ours_pp, dp), torch_pp = make_groups(2, 120), {s: make_groups(2, 120)[0] for s in ("1f1b", "gpipe")}
     torch.manual_seed(0)
-    llm = QwenConfig(vocab_size=2048, n_layer=8, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=704)
+    llm = QwenConfig(vocab_size=2048, n_layer=8, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=704,
+                     tie_embeddings=False)  # torch's stages would not sum tied gradients
     cfg = MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny"), llm=llm, freeze="sft",
                    image_token_id=5)
     runner = PipelineRunner(MultimodalLM(cfg), 2, "1f1b", ours_pp, dp, timeout=120)

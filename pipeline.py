@@ -220,9 +220,9 @@ class PipelineEngine:
                 tensor = entry["y"].detach().to(self.act_dtype) if kind == "F" else entry["dx"]
                 ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer, self.pp_group))
             else:
-                like = stash[i]["y"] if kind == "B" else None
-                got[kind, i] = (torch.empty_like(like) if like is not None else
-                                torch.empty(self.act_shape(microbatches[i]), dtype=self.act_dtype, device=self.device))
+                # static shapes: a gradient is shaped like the output we sent, an activation by act_shape
+                shape = stash[i]["y"].shape if kind == "B" else self.act_shape(microbatches[i])
+                got[kind, i] = torch.empty(shape, dtype=self.act_dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, got[kind, i], peer, self.pp_group))
         self._p2p(ops, group)
         return got
@@ -282,7 +282,7 @@ class PipelineEngine:
                 if not torch.is_grad_enabled():
                     stash[i]["x"] = None  # evaluation: nothing to keep for a backward
                 saved += stash[i]["saved"]
-                loss += stash[i]["y"].item() if self.is_last else 0.0
+                loss += stash[i]["y"].detach() if self.is_last else 0.0  # no .item(): no device sync
             else:
                 self._backward(stash[i], got.get(("B", i)))
                 saved -= stash[i]["saved"]
@@ -314,7 +314,7 @@ class PipelineEngine:
         return self._reduce_loss(self._run(microbatches, max(count, 1), table))
 
     def _reduce_loss(self, loss):
-        t = torch.tensor([loss], dtype=torch.float64, device=self.device)
+        t = torch.as_tensor(loss, dtype=torch.float64, device=self.device).reshape(1)
         self._collective(t, self.pp_group)  # only the last stage holds a non-zero loss
         self._collective(t, self.dp_group)
         return t.item()
@@ -457,7 +457,8 @@ class PipelineRunner(PipelineEngine):
 
     def save_shard(self, directory):
         """Write this stage's weights to <directory>/stage<s>-of-<p>.safetensors (atomically) and return
-        the path. The first replica writes; the others hold the same weights and return None."""
+        the path. The first replica writes; the others hold the same weights and return None. Readers
+        (merge_stage_shards, other replicas' load_shard) must wait for the writers (a barrier)."""
         from safetensors.torch import save_file
         if dist.get_rank(self.dp_group) != 0:
             return None

@@ -355,7 +355,8 @@ def _run_model(pp, dpg, llm, freeze, schedule, m, share, shard_dir, b=2):
         sgd([p_ for p_ in runner.module.parameters() if p_.requires_grad], lr=1.0)
         sgd(trainable, lr=1.0)
     runner.save_shard(shard_dir)
-    dist.barrier(group=pp)
+    dist.barrier(group=pp)  # the replica's shards are all written (by the first replica) ...
+    dist.barrier(group=dpg)  # ... including the one this stage's other replicas reload
     if stage == 0 and d == 0:  # the merged shards are the one-process model, every key of it
         merged, full = merge_stage_shards(sorted(os.path.join(shard_dir, f) for f in os.listdir(shard_dir))), ref.state_dict()
         assert sorted(merged) == sorted(full), where
