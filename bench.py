@@ -303,7 +303,7 @@ def _pipeline_worker(rank, port, steps, warmup, m):
     dist.destroy_process_group()
 
 
-def bench_pipeline(steps="10", warmup="2", m="8"):
+def bench_pipeline(steps="12", warmup="2", m="8"):
     """`python bench.py pipeline [steps] [warmup] [m]`: ours vs torch.distributed.pipelining, 2 processes."""
     import socket
     import torch.multiprocessing as mp

@@ -264,18 +264,18 @@ def _killed(rank, world):
     torch.manual_seed(0)
     mod = ChainStage(Chain(), stage, 2)
     engine = PipelineEngine(mod, pp, dpg, act_shape=lambda mb: (*mb["ids"].shape, 16),
-                            loss_fn=(lambda out, mb: ce_sum(out, mb["labels"])) if stage == 1 else None, timeout=5)
+                            loss_fn=(lambda out, mb: ce_sum(out, mb["labels"])) if stage == 1 else None, timeout=3)
     ids, labels = make_batch(0, 4)
     mbs = [dict(ids=ids[:2], labels=labels[:2]), dict(ids=ids[2:], labels=labels[2:])]
     engine.step(mbs, 10)
     if stage == 1:
-        time.sleep(8 if rank == 3 else 0)  # rank 3 hangs past the timeout, rank 1 dies at once
+        time.sleep(6 if rank == 3 else 0)  # rank 3 hangs past the timeout, rank 1 dies at once
         os._exit(0)
     t0 = time.time()
     with pytest.raises(RuntimeError, match=rf"pipeline rank {rank} \(stage 0\): exchange with rank {rank + 1} "
-                                           r"failed or timed out after 5s"):
+                                           r"failed or timed out after 3s"):
         engine.step(mbs, 10)
-    assert time.time() - t0 < 5 + 2
+    assert time.time() - t0 < 3 + 2
     os._exit(0)  # a process group with a dead peer cannot be shut down cleanly
 
 
