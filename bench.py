@@ -63,14 +63,16 @@ def _floor(model, prompt_len, new_tokens):
     return run
 
 
-def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtypes="float32,bfloat16"):
+def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtypes="float32,bfloat16", threads="2"):
     """Greedy decode tokens/s, ours vs transformers generate vs the floor; 2 threads, 64-token
-    prompt. A/B/floor runs alternate; medians of `repeat`."""
-    torch.set_num_threads(2)
+    prompt. Runs alternate ours/hf/floor; medians of `repeat`. Wall-clock tokens/s, and the ratios
+    also by process CPU time, which other jobs on a shared machine disturb less."""
+    torch.set_num_threads(int(threads))
     n, repeat, prompt_len = int(new_tokens), int(repeat), 64
     print(f"greedy decode, batch 1, prompt {prompt_len}, {n} new tokens, {torch.get_num_threads()} threads, "
-          f"median of {repeat}; tokens/s (new tokens / generate time incl. prefill)")
-    print(f"{'model':14} {'dtype':9} {'ours':>8} {'hf':>8} {'floor':>8} {'ours/hf':>8} {'ours/floor':>10}  same tokens")
+          f"median of {repeat}; tokens/s = new tokens / generate time (prefill included)")
+    print(f"{'model':14} {'dtype':9} {'ours':>8} {'hf':>8} {'floor':>8} {'ours/hf':>8} {'ours/floor':>10} "
+          f"{'cpu: ours/hf':>13} {'ours/floor':>10}  same tokens")
     for preset in presets.split(","):
         for dtype in dtypes.split(","):
             ref, ours = _decode_pair(preset, getattr(torch, dtype))
@@ -82,16 +84,21 @@ def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtyp
                                            pad_token_id=0)[:, prompt_len:],
                 "floor": _floor(ours, prompt_len, n),
             }
+            wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
             with torch.no_grad():
                 same = torch.equal(fns["ours"](), fns["hf"]())  # also the warm-up
                 fns["floor"]()
-                times = {k: [] for k in fns}
                 for _ in range(repeat):
                     for k, fn in fns.items():
-                        times[k].append(timeit(fn, repeat=1, warmup=0))
-            tps = {k: n / statistics.median(v) for k, v in times.items()}
-            print(f"{preset:14} {dtype:9} {tps['ours']:8.1f} {tps['hf']:8.1f} {tps['floor']:8.1f} "
-                  f"{tps['ours'] / tps['hf']:7.2f}x {tps['ours'] / tps['floor']:9.0%}  {same}", flush=True)
+                        t, c = time.perf_counter(), time.process_time()
+                        fn()
+                        wall[k].append(time.perf_counter() - t)
+                        cpu[k].append(time.process_time() - c)
+            w = {k: n / statistics.median(v) for k, v in wall.items()}
+            c = {k: n / statistics.median(v) for k, v in cpu.items()}
+            print(f"{preset:14} {dtype:9} {w['ours']:8.1f} {w['hf']:8.1f} {w['floor']:8.1f} "
+                  f"{w['ours'] / w['hf']:7.2f}x {w['ours'] / w['floor']:9.0%} "
+                  f"{c['ours'] / c['hf']:12.2f}x {c['ours'] / c['floor']:9.0%}  {same}", flush=True)
             del ref, ours, fns
 
 
@@ -170,7 +177,8 @@ def bench_vision(which="all"):
     setups = {"mid": (ViTConfig.preset("eva_vit_g", width=768, depth=12, n_head=12, mlp_dim=3072),
                       QFormerConfig.preset("blip2", encoder_width=768), (1, 8)),
               "eva": (ViTConfig.preset("eva_vit_g"), QFormerConfig.preset("blip2"), (1,))}
-    print(f"{'config':8} {'dtype':9} {'batch':>5} {'ours ms':>9} {'hf ms':>9} {'ratio':>6}  (ratio = hf / ours)")
+    print("wall and CPU (process) time per forward in ms; ratio = hf / ours, > 1 means ours is faster")
+    print(f"{'config':6} {'dtype':9} {'batch':>5} {'ours':>9} {'hf':>9} {'ratio':>6} {'ours cpu':>9} {'hf cpu':>9} {'ratio':>6}")
     for name, (vit_cfg, qformer_cfg, batches) in setups.items():
         if which not in ("all", name):
             continue
@@ -181,14 +189,18 @@ def bench_vision(which="all"):
                 x = torch.randn(b, 3, 224, 224, dtype=dtype)
                 with torch.inference_mode():
                     diff = (ours.qformer(ours.vit(x)).float() - hf.get_qformer_features(x).float()).abs().max().item()
-                    # alternate the two so that load from other processes hits both alike
-                    t_ours, t_hf = [], []
+                    # Alternate the two so that load from other processes hits both alike; also take
+                    # CPU time, which a busy shared machine distorts less than wall time.
+                    t = {"ours": [], "hf": []}
+                    fns = {"ours": lambda: ours.qformer(ours.vit(x)), "hf": lambda: hf.get_qformer_features(x)}
                     for _ in range(1 if name == "eva" else 3):
-                        t_ours.append(timeit(lambda: ours.qformer(ours.vit(x)), repeat=1, warmup=0))
-                        t_hf.append(timeit(lambda: hf.get_qformer_features(x), repeat=1, warmup=0))
-                    t_ours, t_hf = statistics.median(t_ours), statistics.median(t_hf)
-                print(f"{name:8} {str(dtype)[6:]:9} {b:5d} {t_ours * 1e3:9.1f} {t_hf * 1e3:9.1f} {t_hf / t_ours:6.2f}"
-                      f"  max|diff| {diff:.1e}", flush=True)
+                        for side, fn in fns.items():
+                            w0, c0 = time.perf_counter(), time.process_time()
+                            fn()
+                            t[side].append((time.perf_counter() - w0, time.process_time() - c0))
+                (wo, co), (wh, ch) = [[statistics.median(v) for v in zip(*t[side])] for side in ("ours", "hf")]
+                print(f"{name:6} {str(dtype)[6:]:9} {b:5d} {wo * 1e3:9.0f} {wh * 1e3:9.0f} {wh / wo:6.2f}"
+                      f" {co * 1e3:9.0f} {ch * 1e3:9.0f} {ch / co:6.2f}  max|diff| {diff:.1e}", flush=True)
         del ours, hf
 
 # --- pipeline ---
@@ -314,6 +326,123 @@ def bench_pipeline(steps="12", warmup="2", m="8"):
 
 
 # --- chat ---
+
+def _chat_pair(name, dtype):
+    """Our MultimodalLM and transformers' Blip2ForConditionalGeneration (Qwen2 text model) holding
+    the same random weights (ours adopts the reference's tensors). 'toy': train.py's toy shapes;
+    'qwen2.5-0.5b': that LLM behind the tiny ViT and a 32-query tiny Q-Former."""
+    import transformers
+    from convert import QWEN2_IGNORE, QWEN2_RULES, load_into, remap, vision_state
+    from model import MMConfig, MultimodalLM
+    from qformer import QFormerConfig
+    from qwen import QwenConfig
+    from vit import ViTConfig
+    if name == "toy":
+        import train
+        from tokenizer import Tokenizer
+        cfg = train.toy_config(train.Config(), Tokenizer.toy("what colour is the shape".split()))
+    else:
+        cfg = MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny", num_query=32),
+                       llm=QwenConfig.preset(name))
+    v, q, c = cfg.vit, cfg.qformer, cfg.llm
+    text = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta, rms_norm_eps=c.rms_eps,
+        tie_word_embeddings=c.tie_embeddings)
+    torch.manual_seed(0)
+    hf = transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+        vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+                           num_attention_heads=v.n_head, image_size=v.img_size, patch_size=v.patch_size),
+        qformer_config=dict(hidden_size=q.hidden, num_hidden_layers=q.n_layer, num_attention_heads=q.n_head,
+                            intermediate_size=q.ffn, cross_attention_frequency=q.cross_every),
+        text_config=text.to_dict(), num_query_tokens=q.num_query, image_token_index=cfg.image_token_id))
+    with torch.no_grad():  # HF initialises its ViT with std 1e-10: give the vision side ordinary weights
+        for n, p in hf.named_parameters():
+            if p.dim() >= 2 and not n.startswith("language_model."):
+                p.normal_(0, 0.02)
+    hf = hf.to(dtype).eval()
+    src = hf.state_dict()
+    state = vision_state(src, "blip2_hf", v)
+    lm = {k[len("language_model."):]: t for k, t in src.items() if k.startswith("language_model.")}
+    state.update({"llm." + k: t for k, t in remap(lm, QWEN2_RULES, QWEN2_IGNORE).items()})
+    state.update({"llm_proj." + k: src["language_projection." + k] for k in ("weight", "bias")})
+    with torch.device("meta"):
+        ours = MultimodalLM(cfg)
+    ours = load_into(ours, state).eval()
+    ours.qformer.ln_vision.eps = hf.config.vision_config.layer_norm_eps  # HF reuses the ViT's eps
+    return ours, hf
+
+
+def _chat_prompt(cfg, question_len=30):
+    """ChatML skeleton around one image placeholder and a question of question_len random tokens."""
+    g = torch.Generator().manual_seed(0)
+    words = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()  # byte tokens: never special
+    start, end = cfg.image_token_id - 2, cfg.image_token_id - 1  # <|im_start|>, <|im_end|> in Qwen's order
+    ids = ([start] + words(6) + [end, start] + words(2) + [cfg.image_token_id] * cfg.qformer.num_query
+           + words(question_len) + [end, start] + words(2))
+    return torch.tensor([ids])
+
+
+def bench_chat(new_tokens="32", repeat="3", models="toy,qwen2.5-0.5b", dtypes="float32,bfloat16", threads="2"):
+    """One image + a 30-token question, greedy: time to first token (vision + prefill + first
+    token) and decode tokens/s after it, ours (chat.py's path: MultimodalLM.generate with a
+    stream callback) vs Blip2ForConditionalGeneration.generate with a streamer. Medians of
+    `repeat` alternating runs after a warm-up; ratios > 1 mean ours is faster."""
+    torch.set_num_threads(int(threads))
+    n, repeat = int(new_tokens), int(repeat)
+    print(f"one image + 30-token question, batch 1, {n} new tokens, {torch.get_num_threads()} threads, median of "
+          f"{repeat}\n{'model':14} {'dtype':9} {'ttft ms ours':>12} {'hf':>8} {'ratio':>6} "
+          f"{'tok/s ours':>10} {'hf':>8} {'ratio':>6}  same tokens")
+    for name in models.split(","):
+        for dtype in dtypes.split(","):
+            ours, hf = _chat_pair(name, getattr(torch, dtype))
+            cfg = ours.config
+            ids = _chat_prompt(cfg)
+            pixels = torch.randn(1, 3, cfg.vit.img_size, cfg.vit.img_size).to(getattr(torch, dtype))
+
+            def run_ours():
+                times, toks = [], []
+                t0 = time.perf_counter()
+                ours.generate(ids, pixels, max_new_tokens=n, stream=lambda new: (times.append(time.perf_counter()),
+                                                                                 toks.append(new[0])))
+                return t0, times, toks
+
+            class Streamer:
+                def __init__(self):
+                    self.times, self.toks = [], []
+
+                def put(self, value):
+                    if value.numel() == 1:  # the first put is the prompt; then one token per step
+                        self.times.append(time.perf_counter())
+                        self.toks.append(int(value))
+
+                def end(self):
+                    pass
+
+            def run_hf():
+                s = Streamer()
+                t0 = time.perf_counter()
+                hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, streamer=s)
+                return t0, s.times, s.toks
+
+            runs = {"ours": run_ours, "hf": run_hf}
+            ttft, tps, toks = {k: [] for k in runs}, {k: [] for k in runs}, {}
+            with torch.inference_mode():
+                for k, fn in runs.items():  # warm-up
+                    toks[k] = fn()[2]
+                for _ in range(repeat):
+                    for k, fn in runs.items():
+                        t0, times, _ = fn()
+                        ttft[k].append(times[0] - t0)
+                        tps[k].append((len(times) - 1) / (times[-1] - times[0]))
+            t, s = {k: statistics.median(v) for k, v in ttft.items()}, {k: statistics.median(v) for k, v in tps.items()}
+            print(f"{name:14} {dtype:9} {t['ours'] * 1e3:12.1f} {t['hf'] * 1e3:8.1f} {t['hf'] / t['ours']:5.2f}x "
+                  f"{s['ours']:10.1f} {s['hf']:8.1f} {s['ours'] / s['hf']:5.2f}x  {toks['ours'] == toks['hf']}",
+                  flush=True)
+            del ours, hf
+
 
 
 if __name__ == "__main__":
