@@ -174,6 +174,20 @@ def toy_config(cfg, tok):
     return MMConfig(vit=vit, qformer=qformer, llm=llm, loss_norm=cfg.loss_norm, image_token_id=tok.token_id(IMAGE_TOKEN))
 
 
+@torch.no_grad()
+def toy_init(model):
+    """Re-initialise the from-scratch vision side for tiny widths. BERT's std 0.02 suits width
+    768; at width 64 every Linear shrinks its input ~8x, so the post-norm Q-Former's output barely
+    depends on the image (its std over images is ~1e-3 of its std over queries) and vision never
+    learns. LeCun-normal Linears keep the image signal, distinct unit-scale queries attend to
+    different places, and a fixed 2D sin-cos table tells the ViT where each patch is."""
+    for m in [*model.vit.modules(), *model.qformer.modules(), *model.llm_proj.modules()]:
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+    model.qformer.query_tokens.normal_()
+    model.vit.pos_embed.copy_(sincos_2d(model.vit.config.grid, model.vit.config.width))
+
+
 def build(cfg, words):
     """(model, tokenizer) from the config: the toy from scratch, or converted checkpoints."""
     overrides = dict(loss_norm=cfg.loss_norm, **({"freeze": freeze_arg(cfg.freeze)} if cfg.freeze else {}))
@@ -183,8 +197,7 @@ def build(cfg, words):
     elif cfg.model == "toy":
         tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else Tokenizer.toy(words + ["You", "helpful", "Img"])
         model = MultimodalLM(replace(toy_config(cfg, tok), **overrides))
-        with torch.no_grad():
-            model.vit.pos_embed.copy_(sincos_2d(model.vit.config.grid, model.vit.config.width))
+        toy_init(model)
     else:
         tok = Tokenizer.load(cfg.tokenizer)
         preset = MMConfig.preset(cfg.model)
@@ -490,7 +503,7 @@ def train(cfg):
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
     batches = step_batches(cfg, train_ds, pad, dp_rank, dp_size, step)
-    t0, tokens = time.time(), 0
+    t0, c0, tokens = time.time(), time.process_time(), 0
     acc = {}
 
     def log(record):
@@ -533,7 +546,7 @@ def train(cfg):
                 tps = tokens / (time.time() - t0)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
                 log(dict(step=step, loss=loss, lr=lr_at(cfg, step - 1), grad_norm=float(norm) if norm is not None else None,
-                         tokens_per_s=tps, time=time.time() - t0))
+                         tokens_per_s=tps, time=time.time() - t0, cpu_time=time.process_time() - c0))
             bar.update(1)
             if stop.hit or step == cfg.max_iters or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 save(cfg, model, tok, opt, step, runner) if (master or runner) else None
