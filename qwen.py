@@ -28,9 +28,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()  # the statistics in fp32, as both Qwen versions do
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # normalise in fp32 and round before the weight, as both Qwen versions do; one fused op
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def ntk_alpha(length, seq_length):
@@ -40,37 +39,37 @@ def ntk_alpha(length, seq_length):
 
 class Rotary:
     """Rotate-half RoPE over the first `dim` channels of each head. Angles are computed in fp32
-    (position * inv_freq, as HF does) and cached for positions 0..n-1; a dynamic-NTK `alpha`
-    stretches the base (base * alpha^(dim/(dim-2)))."""
+    (position * inv_freq, as HF does), tabulated for positions 0..n-1 and cached per dtype; a
+    dynamic-NTK `alpha` stretches the base (base * alpha^(dim/(dim-2)))."""
 
     def __init__(self, dim, theta):
         self.dim, self.theta = dim, theta
-        self._tables = {}  # device -> (cos, sin) fp32 [n, dim]
+        self._tables = {}  # (device, dtype) -> (cos, sin) [n, dim]
 
     def inv_freq(self, alpha=1.0, device=None):
         base = self.theta * alpha ** (self.dim / (self.dim - 2))
         return 1.0 / base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim)
 
-    def _table(self, n, device):
-        cos, _ = self._tables.get(device, (None, None))
+    def table(self, n, device, dtype):
+        """cos, sin [>=n, dim] for positions 0, 1, ..."""
+        cos, sin = self._tables.get((device, dtype), (None, None))
         if cos is None or cos.shape[0] < n:
             n = max(n, 2 * (0 if cos is None else cos.shape[0]), 256)
             freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), self.inv_freq(device=device))
             emb = torch.cat((freqs, freqs), -1)
-            self._tables[device] = (emb.cos(), emb.sin())
-        return self._tables[device]
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            self._tables[(device, dtype)] = (cos, sin)
+        return cos, sin
 
     def __call__(self, position_ids, dtype, alpha=None):
         """cos, sin [B, 1, T, dim] for position_ids [B, T]; alpha [B] = per-row NTK factors."""
         if alpha is None:
-            cos, sin = self._table(int(position_ids.max()) + 1, position_ids.device)
-            cos, sin = cos[position_ids], sin[position_ids]
-        else:
-            inv = torch.stack([self.inv_freq(float(a), position_ids.device) for a in alpha])  # [B, dim/2]
-            freqs = position_ids.float()[:, :, None] * inv[:, None, :]
-            emb = torch.cat((freqs, freqs), -1)
-            cos, sin = emb.cos(), emb.sin()
-        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+            cos, sin = self.table(int(position_ids.max()) + 1, position_ids.device, dtype)
+            return cos[position_ids][:, None], sin[position_ids][:, None]
+        inv = torch.stack([self.inv_freq(float(a), position_ids.device) for a in alpha])  # [B, dim/2]
+        freqs = position_ids.float()[:, :, None] * inv[:, None, :]
+        emb = torch.cat((freqs, freqs), -1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
 def rotate_half(x):
@@ -94,6 +93,7 @@ class KVCache:
     def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device):
         self.k = torch.zeros(n_layer, batch_size, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.per_layer = list(zip(self.k, self.v))  # views, so a decode step does no indexing
         self.len = 0
         self.ntk_alpha = None  # Qwen v1 fixes the NTK factor at prefill, as its own code does
 
@@ -101,15 +101,16 @@ class KVCache:
         end = self.len + k.shape[2]
         if end > self.k.shape[3]:
             raise ValueError(f"KV cache full: {end} positions needed, {self.k.shape[3]} allocated")
-        self.k[layer, :, :, self.len:end] = k
-        self.v[layer, :, :, self.len:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_all, v_all = self.per_layer[layer]
+        k_all[:, :, self.len:end] = k
+        v_all[:, :, self.len:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]
 
 
 @dataclass
 class Ctx:
     """What every block of one forward needs."""
-    cos: torch.Tensor
+    cos: torch.Tensor  # [T, rot] or [B, 1, T, rot]
     sin: torch.Tensor
     mask: torch.Tensor | None  # bool [B, 1, T, L]; None = plain causal (nothing to mask if T == 1)
     logn: torch.Tensor | None  # Qwen v1 query scale [B, 1, T, 1] beyond seq_length at inference
@@ -144,11 +145,8 @@ class DecoderLM(nn.Module):
                 raise ValueError(f"attention_mask must be [B, cached + new] = {(B, L)}, got {tuple(attention_mask.shape)}")
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing padded: take the fast causal path
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(start, L, device=x.device).expand(B, T)
-            else:  # left padding: count real tokens only
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        if position_ids is None and attention_mask is not None:  # left padding: count real tokens
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
         alpha, logn = None, None
         if self.ntk_len is not None and not self.training:
             if cache is not None and start > 0:
@@ -159,11 +157,17 @@ class DecoderLM(nn.Module):
                     alpha = [ntk_alpha(n, self.ntk_len) for n in lengths]
                 if cache is not None:
                     cache.ntk_alpha = alpha
-            if int(position_ids.max()) + 1 > self.ntk_len:
-                n = position_ids.double() + 1
+            if (L if position_ids is None else int(position_ids.max()) + 1) > self.ntk_len:
+                n = (torch.arange(start, L, device=x.device)[None] if position_ids is None else position_ids).double() + 1
                 logn = torch.where(n > self.ntk_len, n.log() / math.log(self.ntk_len), 1.0)
                 logn = logn.to(x.dtype)[:, None, :, None]
-        cos, sin = self.rotary(position_ids, x.dtype, alpha)
+        if position_ids is None and alpha is None:  # positions start..L-1 in every row: a table slice
+            cos, sin = self.rotary.table(L, x.device, x.dtype)
+            cos, sin = cos[start:L], sin[start:L]
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(start, L, device=x.device).expand(B, T)
+            cos, sin = self.rotary(position_ids, x.dtype, alpha)
         mask = None
         if attention_mask is not None or (T > 1 and start > 0):
             q_idx = torch.arange(start, L, device=x.device)[:, None]
