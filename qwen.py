@@ -53,8 +53,9 @@ class Rotary:
     def table(self, n, device, dtype):
         """cos, sin [>=n, dim] for positions 0, 1, ..."""
         cos, sin = self._tables.get((device, dtype), (None, None))
-        if cos is None or cos.shape[0] < n:
-            n = max(n, 2 * (0 if cos is None else cos.shape[0]), 256)
+        # a table made under torch.inference_mode cannot be saved for a later backward
+        if cos is None or cos.shape[0] < n or (cos.is_inference() and not torch.is_inference_mode_enabled()):
+            n = max(n, 2 * (0 if cos is None else cos.shape[0]), 256)  # grow geometrically
             freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), self.inv_freq(device=device))
             emb = torch.cat((freqs, freqs), -1)
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
