@@ -61,7 +61,7 @@ def toy(tmp_path_factory):
     syn = make_synthetic(str(tmp_path_factory.mktemp("syn")), n_train=8, n_val=8)
     tok = Tokenizer.toy(syn["words"] + ["You", "helpful", "Img"])
     torch.manual_seed(0)
-    model = MultimodalLM(train.toy_config(train.Config(max_len=256, num_query=4), tok)).eval()
+    model = MultimodalLM(train.toy_config(train.Config(max_len=96, num_query=4), tok)).eval()
     model.save(str(d), train={"max_frames": 2})
     tok.save(str(d))
     return str(d)
@@ -168,12 +168,12 @@ def test_bad_inputs_keep_the_session(toy, files):
 
 
 def test_prompt_longer_than_the_context(toy, files):
-    c, out = session(toy)  # context 256 tokens; 1 image = 4 tokens; " the" is one token
+    c, out = session(toy)  # context 96 tokens; 1 image = 4 tokens; " the" is one token
     run(c, out, str(files / "red.png"), ":f")
     printed = run(c, out, "the" + " the" * 300)
-    m = re.fullmatch(r"error: prompt too long: (\d+) tokens with the history and images, the context holds 256; "
+    m = re.fullmatch(r"error: prompt too long: (\d+) tokens with the history and images, the context holds 96; "
                      r"(\d+) tokens of question fit now\n", printed)
-    assert m and int(m[1]) > 256, printed
+    assert m and int(m[1]) > 96, printed
     assert c.turns == [] and c.pending == [0]
     fits = int(m[2])
     assert run(c, out, "the" + " the" * fits).startswith("error: prompt too long")
@@ -236,3 +236,34 @@ def test_start_up_errors(toy, tmp_path, capsys):
     assert fails("--ckpt", str(bad)).startswith(f"error: cannot load checkpoint {bad}: ")
     assert fails("--ckpt", toy, "--image", str(tmp_path / "x.png"), "--prompt", "hi") == \
         f"error: image file not found: {tmp_path / 'x.png'}\n"
+
+
+# ----------------------------------------------------------------------------- the real REPL, through stdin
+
+def chat_process(*args, stdin=""):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), *args], input=stdin, capture_output=True,
+                       text=True, encoding="utf-8", timeout=120, cwd=ROOT, env=env)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def test_repl_through_stdin_and_one_shot_give_the_same_answer(toy, files):
+    question = "what colour is the shape?"
+    lines = [str(files / "red.png"), str(files / "nope.png"), str(files / "move.mkv"), ":f", question, ":his", ":q"]
+    p = chat_process("--ckpt", toy, stdin="\n".join(lines) + "\n")
+    assert p.returncode == 0, p.stderr
+    head = (f"enter image or video paths, one per line, :f to finish (:h for help)\n"
+            f"path> added image 1: {files / 'red.png'}\npath> error: image file not found: {files / 'nope.png'}\n"
+            f"path> added video 2: {files / 'move.mkv'} (2 frames)\npath> 2 input(s); ask a question\nuser> ")
+    assert p.stdout.startswith(head), p.stdout
+    answer, _, rest = p.stdout[len(head):].partition("\nuser> ")
+    assert len(answer) > 0 and rest == (f"user: <Img><ImageHere></Img> <Img><ImageHere><ImageHere></Img> {question}\n"
+                                        f"assistant: {answer}\nuser> ")
+    one = chat_process("--ckpt", toy, "--image", str(files / "red.png"), "--video", str(files / "move.mkv"),
+                       "--prompt", question)
+    assert one.returncode == 0 and one.stdout == answer + "\n"
+    assert one.stderr == f"added image 1: {files / 'red.png'}\nadded video 2: {files / 'move.mkv'} (2 frames)\n"
+    piped = chat_process("--ckpt", toy, "--image", str(files / "red.png"), "--video", str(files / "move.mkv"),
+                         "--prompt", "-", stdin=question + "\n")
+    assert piped.returncode == 0 and piped.stdout == answer + "\n"
