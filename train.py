@@ -52,6 +52,8 @@ class Config:
     augment: bool = False        # random crop + flip; off for the toy (a flip turns left into right)
     max_len: int = 256
     max_frames: int = 2          # video frames the model sees (the synthetic videos have 4)
+    curriculum_tasks: str = "colour,caption"  # the warm-up's tasks (rows' `task` field)
+    curriculum_iters: int = 0    # steps of warm-up on curriculum_tasks only
     # model: 'toy' (built here) or an MM_PRESETS name; weights from convert.py output
     model: str = "toy"
     init: str = ""               # one of our multimodal checkpoints (e.g. a pretrain run's out_dir)
@@ -88,32 +90,31 @@ class Config:
     ckpt_every: int = 500
     resume: bool = False
     seed: int = 0
-    threads: int = 0             # torch CPU threads; 0 = torch's default
+    threads: int = 1             # torch CPU threads (0 = torch's default); the toy's tiny matrices
+                                 # run best on one thread per process: use torchrun for more cores
 
 
+# The public recipes (REFERENCE.md): the ViT, Q-Former and queries stay frozen; bf16; AdamW
+# betas (0.9, 0.99), eps 1e-7, clip 1.0; paths are what convert.py was told to write.
+_BLIP2 = dict(init_vision="checkpoints/eva_vit_g,checkpoints/blip2", image_size=224, num_query=32, max_frames=32,
+              augment=True, loss_norm="token", eps=1e-7, dtype="bf16", min_lr=0.0, image_root="data/images",
+              eval_every=0, ckpt_every=200, threads=0)
 PRESETS = {
     "toy": dict(),
-    "toy-long": dict(max_iters=9000, eval_every=1500, ckpt_every=1500, n_train=20000),
-    # MPP-Qwen-Next stage 1: only llm_proj learns (REFERENCE.md); global batch 256
-    "mpp-qwen7b-pretrain": dict(model="minigpt4qwen", init_vision="checkpoints/eva_vit_g,checkpoints/blip2",
-                                init_llm="checkpoints/qwen7b-chat", tokenizer="checkpoints/qwen7b-chat",
-                                freeze="pretrain", loss_norm="token", image_size=224, num_query=32,
-                                max_len=512, max_frames=32, augment=True, batch_size=8, grad_accum=4,
-                                lr=1e-3, min_lr=0.0, warmup_iters=60, max_iters=2000, eps=1e-7,
-                                dtype="bf16", data="data/llava_pretrain.json", image_root="data/images",
-                                eval_every=0, ckpt_every=200),
-    # stage 2: llm_proj + the whole LLM, from stage 1's checkpoint; global batch 128
-    "mpp-qwen7b-sft": dict(model="minigpt4qwen", init="out/mpp-qwen7b-pretrain", freeze="sft",
-                           loss_norm="token", image_size=224, num_query=32, max_len=1536, max_frames=32,
-                           augment=True, batch_size=4, grad_accum=4, lr=2e-5, min_lr=0.0, warmup_iters=100,
-                           max_iters=1000, eps=1e-7, dtype="bf16", grad_checkpointing=True,
-                           data="data/sft.json", image_root="data/images", eval_every=0, ckpt_every=200),
-    # TinyGPT-V style: Phi-2 with the two-Linear projection, projection first
-    "tinygptv-phi2": dict(model="tinygpt-v", init_vision="checkpoints/eva_vit_g,checkpoints/blip2",
-                          init_llm="checkpoints/phi-2", tokenizer="checkpoints/phi-2", freeze="pretrain",
-                          loss_norm="token", image_size=224, num_query=32, augment=True, batch_size=8,
-                          grad_accum=4, lr=1e-3, min_lr=1e-5, warmup_iters=100, max_iters=2000, dtype="bf16",
-                          data="data/llava_pretrain.json", image_root="data/images", eval_every=0),
+    "toy-long": dict(max_iters=15000, n_train=30000, eval_every=2500, ckpt_every=2500),
+    # MPP-Qwen-Next stage 1: only llm_proj learns, lr 1e-3, warmup 3%, global batch 256 (8 GPUs x 8 x 4)
+    "mpp-qwen7b-pretrain": dict(_BLIP2, model="minigpt4qwen", init_llm="checkpoints/qwen7b-chat",
+                                tokenizer="checkpoints/qwen7b-chat", freeze="pretrain", max_len=512,
+                                batch_size=8, grad_accum=4, lr=1e-3, warmup_iters=60, max_iters=2000,
+                                data="data/llava_pretrain.json"),
+    # stage 2: llm_proj + the whole LLM from stage 1's output, lr 2e-5, warmup 10%, global batch 128
+    "mpp-qwen7b-sft": dict(_BLIP2, model="minigpt4qwen", init="out/mpp-qwen7b-pretrain", freeze="sft",
+                           max_len=1536, batch_size=4, grad_accum=4, lr=2e-5, warmup_iters=100, max_iters=1000,
+                           grad_checkpointing=True, data="data/sft.json"),
+    # TinyGPT-V style: Phi-2 behind the two-Linear projection, projection trained first
+    "tinygptv-phi2": dict(_BLIP2, model="tinygpt-v", init_llm="checkpoints/phi-2", tokenizer="checkpoints/phi-2",
+                          freeze="pretrain", batch_size=8, grad_accum=4, lr=1e-3, min_lr=1e-5, warmup_iters=100,
+                          max_iters=2000, data="data/llava_pretrain.json"),
 }
 
 
@@ -136,11 +137,11 @@ def parse_value(key, text, default):
 def parse_args(argv):
     """['--key=value', ...] -> Config: the preset's values, then the overrides, type-checked.
     A bare `--flag` sets a bool field to true."""
-    defaults, pairs = Config(), []
+    defaults, names, pairs = Config(), [f.name for f in fields(Config)], []
     for arg in argv:
         key, eq, text = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
-        if not hasattr(defaults, key) or not arg.startswith("--"):
-            raise ConfigError(f"unknown config key {arg!r}; keys: {', '.join(f.name for f in fields(Config))}")
+        if key not in names or not arg.startswith("--"):
+            raise ConfigError(f"unknown config key {arg!r}; keys: {', '.join(names)}")
         if not eq and type(getattr(defaults, key)) is not bool:
             raise ConfigError(f"--{key} needs a value: --{key}=...")
         pairs.append((key, text if eq else "true"))
@@ -255,17 +256,20 @@ def datasets(cfg, tok, nq):
 
 def step_batches(cfg, ds, pad_id, dp_rank, dp_size, step):
     """Yield the microbatches of step, step+1, ...: each epoch is a DistributedSampler permutation
-    (keyed by seed, epoch and DP rank), so the data position is just the step number."""
+    (keyed by seed, epoch and DP rank), so the data position is just the step number. The first
+    curriculum_iters steps draw only from curriculum_tasks (a warm-up on easy questions)."""
     per_step = cfg.batch_size * cfg.grad_accum
-    sampler = torch.utils.data.DistributedSampler(ds, dp_size, dp_rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    per_epoch = len(sampler) // per_step
-    if per_epoch == 0:
-        raise ValueError(f"{len(ds)} training samples are fewer than one step needs ({per_step * dp_size})")
+    easy = [i for i, s in enumerate(getattr(ds, "ds", ds).samples) if s["task"] in cfg.curriculum_tasks.split(",")]
     fixed = cfg.max_len if cfg.num_stages > 1 else None  # the pipeline sends static shapes
     while True:
-        epoch, k = divmod(step, per_epoch)
+        start, pool = (0, easy) if step < cfg.curriculum_iters else (cfg.curriculum_iters, range(len(ds)))
+        sampler = torch.utils.data.DistributedSampler(pool, dp_size, dp_rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        per_epoch = len(sampler) // per_step
+        if per_epoch == 0:
+            raise ValueError(f"{len(pool)} training samples are fewer than one step needs ({per_step * dp_size})")
+        epoch, k = divmod(step - start, per_epoch)
         sampler.set_epoch(epoch)
-        idx = list(sampler)[k * per_step:(k + 1) * per_step]
+        idx = [pool[j] for j in list(sampler)[k * per_step:(k + 1) * per_step]]
         yield [collate([ds[i] for i in idx[m:m + cfg.batch_size]], pad_id, fixed)
                for m in range(0, per_step, cfg.batch_size)]
         step += 1
