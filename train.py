@@ -53,7 +53,7 @@ class Config:
     max_len: int = 256
     max_frames: int = 2          # video frames the model sees (the synthetic videos have 4)
     curriculum_tasks: str = "colour,caption"  # the warm-up's tasks (rows' `task` field)
-    curriculum_iters: int = 0    # steps of warm-up on curriculum_tasks only
+    curriculum_iters: int = 200  # steps of warm-up on curriculum_tasks only
     # model: 'toy' (built here) or an MM_PRESETS name; weights from convert.py output
     model: str = "toy"
     init: str = ""               # one of our multimodal checkpoints (e.g. a pretrain run's out_dir)
@@ -68,7 +68,7 @@ class Config:
     # optimisation: AdamW, linear warmup then cosine to min_lr
     batch_size: int = 32         # per rank and microbatch
     grad_accum: int = 1
-    max_iters: int = 1500
+    max_iters: int = 3000
     lr: float = 3e-3
     min_lr: float = 3e-4
     vision_lr_scale: float = 1.0  # lr multiplier for vit + qformer
@@ -84,10 +84,10 @@ class Config:
     schedule: str = "1f1b"
     # bookkeeping
     out_dir: str = ""            # default out/<preset>
-    eval_every: int = 500
+    eval_every: int = 1000
     eval_samples: int = 800
     log_every: int = 10
-    ckpt_every: int = 500
+    ckpt_every: int = 1000
     resume: bool = False
     seed: int = 0
     threads: int = 1             # torch CPU threads (0 = torch's default); the toy's tiny matrices
@@ -177,12 +177,13 @@ def toy_config(cfg, tok):
 
 @torch.no_grad()
 def toy_init(model):
-    """Re-initialise the from-scratch vision side for tiny widths. BERT's std 0.02 suits width
-    768; at width 64 every Linear shrinks its input ~8x, so the post-norm Q-Former's output barely
-    depends on the image (its std over images is ~1e-3 of its std over queries) and vision never
-    learns. LeCun-normal Linears keep the image signal, distinct unit-scale queries attend to
-    different places, and a fixed 2D sin-cos table tells the ViT where each patch is."""
-    for m in [*model.vit.modules(), *model.qformer.modules(), *model.llm_proj.modules()]:
+    """Re-initialise the from-scratch toy for tiny widths. BERT's and Qwen's std 0.02 suit widths
+    of 768+; at width 64 every Linear shrinks its input ~8x, so the post-norm Q-Former's output
+    barely depends on the image (its std over images is ~1e-3 of its std over queries) and vision
+    learns nothing for hundreds of steps. LeCun-normal Linears (std fan_in^-0.5; embeddings and the
+    tied head keep 0.02) keep the signal, distinct unit-scale queries attend to different places,
+    and a fixed 2D sin-cos table tells the ViT where each patch is."""
+    for m in [*model.vit.modules(), *model.qformer.modules(), *model.llm_proj.modules(), *model.llm.layers.modules()]:
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.normal_(m.weight, std=m.in_features ** -0.5)
     model.qformer.query_tokens.normal_()
