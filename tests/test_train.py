@@ -15,7 +15,7 @@ from model import MultimodalLM
 
 def tiny_args(tmp_path, out="run", **kw):
     args = dict(synthetic_root=tmp_path / "data", out_dir=tmp_path / out, n_train=128, n_val=16, batch_size=8,
-                max_iters=12, warmup_iters=2, eval_every=0, eval_samples=16, log_every=1, ckpt_every=0, threads=1)
+                max_iters=12, warmup_iters=2, curriculum_iters=6, eval_every=0, eval_samples=16, log_every=1, ckpt_every=0, threads=1)
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
