@@ -468,7 +468,7 @@ def train(cfg):
     model.to(device)
     train_ds, val_ds, chance = datasets(cfg, tok, model.config.qformer.num_query)
     pad = tok.token_id("<|endoftext|>")
-    if runner is None and cfg.num_stages > 1:
+    if cfg.num_stages > 1:
         from pipeline import PipelineRunner
         config_dict = model.config.to_dict()
         runner = PipelineRunner(model, cfg.num_stages, cfg.schedule, pp_group, dp_group, device=device, seq_len=cfg.max_len)
@@ -517,15 +517,15 @@ def train(cfg):
             metrics.flush()
 
     def run_eval():
-        if not (master and val_ds):
-            return {}
+        if not (master and val_ds) or (runner and good_step != step):
+            return acc  # a pipeline run evaluates the merged checkpoint, so only right after a save
         eval_model = model if runner is None else MultimodalLM.from_checkpoint(cfg.out_dir).to(device)
-        val_loss, acc = evaluate(eval_model, val_ds, tok, cfg, ctx)
+        val_loss, new = evaluate(eval_model, val_ds, tok, cfg, ctx)
         val_curve.append((step, val_loss))
-        log(dict(step=step, val_loss=val_loss, accuracy=acc))
+        log(dict(step=step, val_loss=val_loss, accuracy=new))
         bar.write(f"step {step}: held-out loss {val_loss:.4f}, exact match " +
-                  ", ".join(f"{t} {a:.0%}" for t, a in acc.items()))
-        return acc
+                  ", ".join(f"{t} {a:.0%}" for t, a in new.items()))
+        return new
 
     try:
         while step < cfg.max_iters and not stop.hit:
