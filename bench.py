@@ -102,21 +102,28 @@ def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtyp
             del ref, ours, fns
 
 
+def _vm(field):
+    """MB of a /proc/self/status field. VmHWM (peak RSS) starts afresh at exec, unlike ru_maxrss,
+    which a child inherits from its parent."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
 def _peak_rss_child(mode, src, dst):
-    """Run in a fresh process: peak RSS (MB) above the post-import baseline for one loading job."""
-    import resource
-    import convert  # noqa: F401  (imports counted in the baseline)
+    """Run in a fresh process: peak RSS (MB) above the post-import RSS for one loading job."""
+    import convert
     import transformers
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if mode == "convert":  # HF dir -> our checkpoint
-        convert.convert_qwen2(src, dst)
-    elif mode == "ours":  # our checkpoint -> model, then touch every weight
-        model, _ = convert.load_llm(dst)
-        sum(float(p.float().sum()) for p in model.parameters())
-    else:  # the reference: transformers from_pretrained, every weight touched
-        model = transformers.Qwen2ForCausalLM.from_pretrained(src)
-        sum(float(p.float().sum()) for p in model.parameters())
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    base = _vm("VmRSS")
+    with torch.no_grad():
+        if mode == "convert":  # HF dir -> our checkpoint
+            convert.convert_qwen2(src, dst)
+        elif mode == "ours":  # our checkpoint -> model, then touch every weight
+            model, _ = convert.load_llm(dst)
+            sum(float(p.float().sum()) for p in model.parameters())
+        else:  # the reference: transformers from_pretrained, every weight touched
+            model = transformers.Qwen2ForCausalLM.from_pretrained(src)
+            sum(float(p.float().sum()) for p in model.parameters())
+    print(_vm("VmHWM") - base)
 
 
 def bench_load(preset="qwen2.5-0.5b", dtype="bfloat16"):
@@ -130,7 +137,7 @@ def bench_load(preset="qwen2.5-0.5b", dtype="bfloat16"):
         src, dst = os.path.join(d, "hf"), os.path.join(d, "ours")
         ref.save_pretrained(src)
         del ref
-        print(f"{preset} {dtype}: weights {size:.0f} MB; peak RSS above the post-import baseline:")
+        print(f"{preset} {dtype}: weights {size:.0f} MB; peak RSS above the RSS after imports:")
         for mode, what in [("convert", "python convert.py qwen2 (HF dir -> ours)"),
                            ("ours", "convert.load_llm + touch every weight"),
                            ("hf", "transformers from_pretrained + touch every weight")]:
@@ -384,16 +391,18 @@ def _chat_prompt(cfg, question_len=30):
     return torch.tensor([ids])
 
 
-def bench_chat(new_tokens="32", repeat="3", models="toy,qwen2.5-0.5b", dtypes="float32,bfloat16", threads="2"):
+def bench_chat(new_tokens="32", repeat="5", models="toy,qwen2.5-0.5b", dtypes="float32,bfloat16", threads="2"):
     """One image + a 30-token question, greedy: time to first token (vision + prefill + first
     token) and decode tokens/s after it, ours (chat.py's path: MultimodalLM.generate with a
     stream callback) vs Blip2ForConditionalGeneration.generate with a streamer. Medians of
-    `repeat` alternating runs after a warm-up; ratios > 1 mean ours is faster."""
+    `repeat` alternating runs after a warm-up, by wall clock and by process CPU time (which other
+    jobs on a shared machine disturb less); ratios > 1 mean ours is faster."""
     torch.set_num_threads(int(threads))
     n, repeat = int(new_tokens), int(repeat)
+    clock = lambda: (time.perf_counter(), time.process_time())
     print(f"one image + 30-token question, batch 1, {n} new tokens, {torch.get_num_threads()} threads, median of "
-          f"{repeat}\n{'model':14} {'dtype':9} {'ttft ms ours':>12} {'hf':>8} {'ratio':>6} "
-          f"{'tok/s ours':>10} {'hf':>8} {'ratio':>6}  same tokens")
+          f"{repeat}; ratio = hf time / ours\n{'model':13} {'dtype':9} {'ttft ms ours':>12} {'hf':>7} {'ratio':>6} "
+          f"{'cpu ratio':>9} {'tok/s ours':>10} {'hf':>7} {'ratio':>6} {'cpu ratio':>9}  same tokens")
     for name in models.split(","):
         for dtype in dtypes.split(","):
             ours, hf = _chat_pair(name, getattr(torch, dtype))
@@ -401,48 +410,46 @@ def bench_chat(new_tokens="32", repeat="3", models="toy,qwen2.5-0.5b", dtypes="f
             ids = _chat_prompt(cfg)
             pixels = torch.randn(1, 3, cfg.vit.img_size, cfg.vit.img_size).to(getattr(torch, dtype))
 
-            def run_ours():
-                times, toks = [], []
-                t0 = time.perf_counter()
-                ours.generate(ids, pixels, max_new_tokens=n, stream=lambda new: (times.append(time.perf_counter()),
-                                                                                 toks.append(new[0])))
-                return t0, times, toks
-
-            class Streamer:
+            class Streamer:  # records when each token arrives (HF calls put() with the prompt first)
                 def __init__(self):
                     self.times, self.toks = [], []
 
                 def put(self, value):
-                    if value.numel() == 1:  # the first put is the prompt; then one token per step
-                        self.times.append(time.perf_counter())
+                    if value.numel() == 1:
+                        self.times.append(clock())
                         self.toks.append(int(value))
 
                 def end(self):
                     pass
 
+            def run_ours():
+                s, t0 = Streamer(), clock()
+                ours.generate(ids, pixels, max_new_tokens=n, stream=lambda new: s.put(torch.tensor(new[0])))
+                return t0, s
+
             def run_hf():
-                s = Streamer()
-                t0 = time.perf_counter()
+                s, t0 = Streamer(), clock()
                 hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                             min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, streamer=s)
-                return t0, s.times, s.toks
+                return t0, s
 
             runs = {"ours": run_ours, "hf": run_hf}
-            ttft, tps, toks = {k: [] for k in runs}, {k: [] for k in runs}, {}
+            ttft, step = {k: ([], []) for k in runs}, {k: ([], []) for k in runs}  # (wall, cpu) seconds
             with torch.inference_mode():
-                for k, fn in runs.items():  # warm-up
-                    toks[k] = fn()[2]
+                toks = {k: fn()[1].toks for k, fn in runs.items()}  # also the warm-up
                 for _ in range(repeat):
                     for k, fn in runs.items():
-                        t0, times, _ = fn()
-                        ttft[k].append(times[0] - t0)
-                        tps[k].append((len(times) - 1) / (times[-1] - times[0]))
-            t, s = {k: statistics.median(v) for k, v in ttft.items()}, {k: statistics.median(v) for k, v in tps.items()}
-            print(f"{name:14} {dtype:9} {t['ours'] * 1e3:12.1f} {t['hf'] * 1e3:8.1f} {t['hf'] / t['ours']:5.2f}x "
-                  f"{s['ours']:10.1f} {s['hf']:8.1f} {s['ours'] / s['hf']:5.2f}x  {toks['ours'] == toks['hf']}",
+                        t0, s = fn()
+                        for c in (0, 1):
+                            ttft[k][c].append(s.times[0][c] - t0[c])
+                            step[k][c].append((s.times[-1][c] - s.times[0][c]) / (len(s.times) - 1))
+            t = {k: [statistics.median(x) for x in v] for k, v in ttft.items()}
+            d = {k: [statistics.median(x) for x in v] for k, v in step.items()}
+            print(f"{name:13} {dtype:9} {t['ours'][0] * 1e3:12.1f} {t['hf'][0] * 1e3:7.1f} {t['hf'][0] / t['ours'][0]:5.2f}x "
+                  f"{t['hf'][1] / t['ours'][1]:8.2f}x {1 / d['ours'][0]:10.1f} {1 / d['hf'][0]:7.1f} "
+                  f"{d['hf'][0] / d['ours'][0]:5.2f}x {d['hf'][1] / d['ours'][1]:8.2f}x  {toks['ours'] == toks['hf']}",
                   flush=True)
             del ours, hf
-
 
 
 if __name__ == "__main__":

@@ -86,12 +86,11 @@ def load(path, device="cpu", dtype="fp32"):
         tok = Tokenizer.load(d)
         with open(os.path.join(d, "config.json")) as f:
             max_frames = json.load(f).get("train", {}).get("max_frames", 32)
+        if tok.token_id(IMAGE_TOKEN) != model.config.image_token_id or tok.n_vocab > model.config.llm.vocab_size:
+            raise ValueError(f"the tokenizer does not match the model (image token {tok.token_id(IMAGE_TOKEN)} vs "
+                             f"{model.config.image_token_id}, vocabulary {tok.n_vocab} vs {model.config.llm.vocab_size})")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ChatError(f"cannot load checkpoint {d}: {e}") from None
-    if tok.token_id(IMAGE_TOKEN) != model.config.image_token_id or tok.n_vocab > model.config.llm.vocab_size:
-        raise ChatError(f"checkpoint {d}: tokenizer does not match the model (image token "
-                        f"{tok.token_id(IMAGE_TOKEN)} vs {model.config.image_token_id}, vocab {tok.n_vocab} "
-                        f"vs {model.config.llm.vocab_size})")
     return model.to(device).eval(), tok, max_frames
 
 
@@ -122,17 +121,18 @@ class Chat:
         print(msg, file=to or self.err, flush=True)
 
     def add(self, path, kind=None):
-        """Load an image or video (by extension unless `kind` says) for the next question."""
+        """Load an image or video (by extension unless `kind` says) for the next question; True if done."""
         path = os.path.expanduser(path.strip().strip("'\""))
         kind = kind or ("video" if path.lower().endswith(VIDEO_EXTS) else "image")
         try:
             frames = load_video(path, self.max_frames) if kind == "video" else [load_image(path)]
         except (OSError, ValueError) as e:
-            return self.say(f"error: {e}")
+            return self.say(f"error: {e}")  # None: refused
         pixels = torch.stack([preprocess(f, self.size) for f in frames])
         self.pending.append(len(self.media))
         self.media.append((path, kind, pixels))
-        return self.say(f"added {kind} {len(self.media)}: {path}" + (f" ({len(frames)} frames)" if kind == "video" else ""))
+        self.say(f"added {kind} {len(self.media)}: {path}" + (f" ({len(frames)} frames)" if kind == "video" else ""))
+        return True
 
     def ask(self, text):
         """Answer `text` (streamed to out); returns the answer, or None if the question was refused."""
@@ -170,6 +170,9 @@ class Chat:
                                 stop_ids=self.stop_ids, stream=stream, seed=self.seed)
         except _Stop:
             pass
+        except RuntimeError as e:  # e.g. out of memory on the device: report it, keep the session
+            self.say(f"error: generation failed: {e}".splitlines()[0])
+            return None
         finally:
             signal.signal(signal.SIGINT, old)
         self.out.write(dec.flush() + (" [stopped]" if self.stop else "") + "\n")
@@ -273,9 +276,7 @@ def main(argv=None):
     one_shot = args.prompt is not None
     chat = Chat(model, tok, err=sys.stderr if one_shot else sys.stdout, seed=args.seed, max_frames=max_frames)
     for path, kind in args.media:
-        n = len(chat.media)
-        chat.add(path, kind)
-        if one_shot and len(chat.media) == n:
+        if not chat.add(path, kind) and one_shot:
             return 1
     if not one_shot:
         chat.starting = not args.media
