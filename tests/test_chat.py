@@ -4,11 +4,14 @@ trained toy answering about held-out synthetic images, in the REPL (through stdi
 import io
 import json
 import os
+import pty
 import re
+import select
 import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import pytest
@@ -250,7 +253,7 @@ def chat_process(*args, stdin=""):
 
 def test_repl_through_stdin_and_one_shot_give_the_same_answer(toy, files):
     question = "what colour is the shape?"
-    lines = [str(files / "red.png"), str(files / "nope.png"), str(files / "move.mkv"), ":f", question, ":his", ":q"]
+    lines = [str(files / "red.png"), str(files / "nope.png"), str(files / "move.mkv"), ":f", question, ":his"]
     p = chat_process("--ckpt", toy, stdin="\n".join(lines) + "\n")
     assert p.returncode == 0, p.stderr
     head = (f"enter image or video paths, one per line, :f to finish (:h for help)\n"
@@ -259,7 +262,7 @@ def test_repl_through_stdin_and_one_shot_give_the_same_answer(toy, files):
     assert p.stdout.startswith(head), p.stdout
     answer, _, rest = p.stdout[len(head):].partition("\nuser> ")
     assert len(answer) > 0 and rest == (f"user: <Img><ImageHere></Img> <Img><ImageHere><ImageHere></Img> {question}\n"
-                                        f"assistant: {answer}\nuser> ")
+                                        f"assistant: {answer}\nuser> \n")  # end of input leaves
     one = chat_process("--ckpt", toy, "--image", str(files / "red.png"), "--video", str(files / "move.mkv"),
                        "--prompt", question)
     assert one.returncode == 0 and one.stdout == answer + "\n"
@@ -267,3 +270,35 @@ def test_repl_through_stdin_and_one_shot_give_the_same_answer(toy, files):
     piped = chat_process("--ckpt", toy, "--image", str(files / "red.png"), "--video", str(files / "move.mkv"),
                          "--prompt", "-", stdin=question + "\n")
     assert piped.returncode == 0 and piped.stdout == answer + "\n"
+
+
+def test_terminal_ctrl_c_at_the_prompt_and_ctrl_d(toy):
+    """In a real (pseudo-)terminal: Ctrl-C at the prompt does not leave, Ctrl-D does, exit code 0."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: chat.py with the pty as its controlling terminal
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "chat.py", "--ckpt", toy])
+    seen = b""
+
+    def expect(text, timeout=60):
+        nonlocal seen
+        deadline = time.time() + timeout
+        while text.encode() not in seen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+            assert ready, f"no {text!r} within {timeout}s; the terminal shows {seen!r}"
+            seen += os.read(fd, 4096)
+        seen = seen[seen.index(text.encode()) + len(text):]
+
+    try:
+        expect("path> ")
+        os.write(fd, b":f\n")
+        expect("user> ")
+        os.write(fd, b"\x03")  # Ctrl-C
+        expect("(Ctrl-D or :q leaves)\r\nuser> ")
+        os.write(fd, b":seed 7\n")
+        expect("seed 7\r\nuser> ")
+        os.write(fd, b"\x04")  # Ctrl-D
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
