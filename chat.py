@@ -156,6 +156,8 @@ class Chat:
         def stream(new_tokens):
             if self.stop:
                 raise _Stop
+            if new_tokens[0] is None:  # the stop token: not part of the answer
+                return
             got.append(new_tokens[0])
             self.out.write(dec.push(new_tokens[0]))
             self.out.flush()
@@ -191,8 +193,9 @@ class Chat:
             _, parse, ok, wording = CONF[key]
             try:
                 new[key] = parse(value)
-                assert eq and ok(new[key])
-            except (ValueError, AssertionError):
+            except ValueError:
+                new[key] = None
+            if not eq or new[key] is None or not ok(new[key]):
                 return self.say(f"error: {key} must be {wording}, got {value!r}")
         self.conf.update(new)  # all or nothing
         self.say(" ".join(f"{k}={v}" for k, v in self.conf.items()), self.out)

@@ -208,6 +208,13 @@ def test_ctrl_c_stops_the_answer_not_the_repl(toy):
     assert "[stopped]" not in c.out.getvalue() and len(c.turns) == 4
 
 
+def test_answer_ends_at_a_stop_token(toy):
+    c, out = session(toy)
+    c.stop_ids = list(range(c.model.config.llm.vocab_size))  # whatever comes first is a stop token
+    run(c, out, ":f")
+    assert run(c, out, "hello?") == "\n" and c.turns == [("user", "hello?"), ("assistant", "")]
+
+
 def test_start_up_errors(toy, tmp_path, capsys):
     def fails(*argv):
         assert chat.main(list(argv)) == 1
