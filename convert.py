@@ -381,16 +381,45 @@ def load_llm(d, dtype=None):
     return load_into(build_llm(arch, config, dtype), state), config
 
 
+def tokenizer_from_hf(src, vocab_size):
+    """The tokenizer of an HF LLM directory (Qwen v1's qwen.tiktoken, else HF byte-level BPE files),
+    or None if it ships none. Only Qwen v1 has the image slot <|extra_0|>; for the others it takes
+    the first free id, one of the spare embedding rows these checkpoints have (Qwen2: 151936 rows
+    for 151665 tokens, Phi-2: 51200 for 50295), so MMConfig.image_token_id can name it."""
+    from data import IMAGE_TOKEN
+    from tokenizer import Tokenizer
+    if os.path.exists(os.path.join(src, "qwen.tiktoken")):
+        tok = Tokenizer.from_qwen_tiktoken(os.path.join(src, "qwen.tiktoken"))
+    elif any(os.path.exists(os.path.join(src, f)) for f in ("tokenizer.json", "vocab.json")):
+        tok = Tokenizer.from_hf(src)
+    else:
+        return None
+    if IMAGE_TOKEN not in tok.special_tokens:
+        tok = Tokenizer(tok._ranks, {**tok.special_tokens, IMAGE_TOKEN: tok.n_vocab}, tok.pattern,
+                        tok.normalization, tok.added_tokens)
+    if tok.n_vocab > vocab_size:
+        raise CheckpointError(f"{src}: the tokenizer needs {tok.n_vocab} embedding rows, the model has {vocab_size}")
+    return tok
+
+
+def _convert_llm(src, dst, kind):
+    model, config = llm_from_hf(src, kind)
+    save_llm(dst, model, config)
+    tok = tokenizer_from_hf(src, config.vocab_size)
+    if tok is not None:  # beside the weights, where train.py and chat.py look for it
+        tok.save(dst)
+
+
 def convert_qwen2(src, dst):
-    save_llm(dst, *llm_from_hf(src, "qwen2"))
+    _convert_llm(src, dst, "qwen2")
 
 
 def convert_qwen1(src, dst):
-    save_llm(dst, *llm_from_hf(src, "qwen1"))
+    _convert_llm(src, dst, "qwen1")
 
 
 def convert_phi(src, dst):
-    save_llm(dst, *llm_from_hf(src, "phi"))
+    _convert_llm(src, dst, "phi")
 
 # --- vision ---
 # EVA-ViT-g (vit.py) and the BLIP-2 Q-Former (qformer.py). Our vision checkpoints hold `vit.*` and
@@ -593,6 +622,47 @@ def load_vision(model, d):
         if part:
             load_into(getattr(model, name), part)
     return config
+
+
+# --- multimodal ---
+# MiniGPT4Qwen's own training checkpoints, and our pipeline's stage shards merged into one model.
+
+def mpp_state(path):
+    """A MiniGPT4Qwen / MPP-Qwen-Next checkpoint as our keys: stage 1 (`model.pth`) holds llm_proj.*,
+    stage 2 (`unfreeze_llm_model.pth`) also the LLM under llm_model.* (Qwen v1 `transformer.*` or
+    Qwen2 `model.*` names). Every key is consumed: upstream's own converter loads with
+    strict=False and so silently drops the fine-tuned LLM."""
+    src = read_state_dict(path)
+    llm = {k[len("llm_model."):]: t for k, t in src.items() if k.startswith("llm_model.")}
+    out = remap({k: t for k, t in src.items() if not k.startswith("llm_model.")}, [(r"llm_proj\.(.*)", r"llm_proj.\1")])
+    if llm:
+        v1 = any(k.startswith("transformer.") for k in llm)
+        rules, ignore = (QWEN1_RULES, QWEN1_IGNORE) if v1 else (QWEN2_RULES, QWEN2_IGNORE)
+        out.update({"llm." + k: t for k, t in remap(llm, rules, ignore).items()})
+    return out
+
+
+def convert_stages(src, dst):
+    """Merge the stage shards of a pipeline run (a directory of stage<s>-of-<p>.safetensors, as
+    train.py --num_stages writes under out_dir/stages) into one checkpoint that chat.py and
+    single-process training load. The model config travels in every shard's metadata."""
+    from safetensors import safe_open
+    from model import MMConfig, MultimodalLM
+    from pipeline import merge_stage_shards
+    paths = sorted(os.path.join(src, f) for f in os.listdir(src) if re.fullmatch(r"stage\d+-of-\d+\.safetensors", f))
+    if not paths:
+        raise CheckpointError(f"{src}: no stage<s>-of-<p>.safetensors shards")
+    with safe_open(paths[0], "pt") as f:
+        config = (f.metadata() or {}).get("config")
+    if config is None:
+        raise CheckpointError(f"{paths[0]}: no model config in the shard's metadata")
+    with torch.device("meta"):
+        model = MultimodalLM(MMConfig.from_dict(json.loads(config)))
+    load_into(model, merge_stage_shards(paths)).save(dst)
+    tok_dir = os.path.dirname(os.path.abspath(src))  # train.py keeps the tokenizer in out_dir
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.tiktoken")):
+        from tokenizer import Tokenizer
+        Tokenizer.load(tok_dir).save(dst)
 
 
 if __name__ == "__main__":  # every convert_<kind>(src, dst) above is a CLI kind

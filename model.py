@@ -321,10 +321,11 @@ class MultimodalLM(nn.Module):
     def from_parts(cls, vision, llm, proj=None, dtype=None, **overrides):
         """Assemble converted public pieces: `vision` = one or more convert.py vision directories
         (eva_vit_g, blip2_lavis, blip2_hf) that together hold vit.* and qformer.*; `llm` = a
-        convert.py qwen1/qwen2/phi directory; `proj` = a file or directory holding llm_proj.*
-        (e.g. MiniGPT4Qwen's stage-1 model.pth), else llm_proj starts from random (pretraining).
+        convert.py qwen1/qwen2/phi directory; `proj` = a MiniGPT4Qwen checkpoint (stage 1
+        `model.pth`: llm_proj.*; stage 2 `unfreeze_llm_model.pth`: also the LLM), else llm_proj
+        starts from random (pretraining).
         `overrides` set other MMConfig fields (image_token_id, freeze, proj='mlp2', ...)."""
-        from convert import load_checkpoint, load_into, read_state_dict
+        from convert import load_checkpoint, load_into, mpp_state
         state, sub = {}, {}
         for d in [vision] if isinstance(vision, (str, os.PathLike)) else vision:
             part, cfg = load_checkpoint(d)
@@ -344,7 +345,6 @@ class MultimodalLM(nn.Module):
                 if isinstance(m, nn.Linear):
                     m.reset_parameters()  # nn.Linear's own init, as LAVIS builds llm_proj
             state.update({"llm_proj." + k: t for k, t in model.llm_proj.state_dict().items()})
-        else:
-            part = read_state_dict(os.path.join(proj, "model.safetensors") if os.path.isdir(proj) else proj)
-            state.update({k: t for k, t in part.items() if k.startswith("llm_proj.")})
+        else:  # stage 2's fine-tuned LLM, if present, replaces the base LLM's weights
+            state.update(mpp_state(proj))
         return load_into(model, state)

@@ -15,6 +15,7 @@ step (all microbatches, all replicas), so every layout gives the single-process 
     torchrun --nproc_per_node=4 train.py --num_stages=2               # 2 stages x 2 replicas
 """
 import argparse
+import json
 import os
 import time
 from datetime import timedelta
@@ -465,7 +466,9 @@ class PipelineRunner(PipelineEngine):
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"stage{self.stage}-of-{self.num_stages}.safetensors")
         state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}  # clone: no shared storage
-        save_file(state, path + ".tmp", metadata={"stage": str(self.stage), "num_stages": str(self.num_stages)})
+        meta = {"stage": str(self.stage), "num_stages": str(self.num_stages),
+                "config": json.dumps(self.module.config.to_dict())}  # convert.py stages rebuilds the model from it
+        save_file(state, path + ".tmp", metadata=meta)
         os.replace(path + ".tmp", path)
         return path
 

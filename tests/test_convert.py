@@ -181,3 +181,29 @@ def test_cli(hf_dir, tmp_path):
     r = subprocess.run([sys.executable, "convert.py", "llama", "a", "b"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "usage: python convert.py {" in r.stderr and "qwen2|qwen1|phi" in r.stderr
+
+
+def test_tokenizer_travels_with_the_llm_and_gets_an_image_slot(tmp_path):
+    """An HF BPE tokenizer has no <|extra_0|>: conversion gives it the first spare embedding row,
+    writes it beside the weights, and refuses a tokenizer larger than the embedding."""
+    import json
+    from convert import convert_qwen2, tokenizer_from_hf
+    from tokenizer import Tokenizer, _byte_to_unicode
+    b2u = _byte_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    vocab[b2u[ord(" ")] + "t"] = 256
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n" + b2u[ord(" ")] + " t\n")
+    tok = tokenizer_from_hf(str(d), vocab_size=300)
+    assert tok.token_id("<|extra_0|>") == 257 and tok.encode(" t<|extra_0|>") == [256, 257]
+    with pytest.raises(CheckpointError, match=r"the tokenizer needs 258 embedding rows, the model has 257"):
+        tokenizer_from_hf(str(d), vocab_size=257)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(  # an HF LLM directory with its tokenizer
+        vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    hf.save_pretrained(tmp_path / "hf")
+    for f in ("vocab.json", "merges.txt"):
+        (tmp_path / "hf" / f).write_text((d / f).read_text())
+    convert_qwen2(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    assert Tokenizer.load(str(tmp_path / "ours")).encode(" t<|extra_0|>") == [256, 257]

@@ -400,3 +400,47 @@ def test_from_parts_starts_a_random_projection(tmp_path):
     ours, theirs = model.state_dict(), built.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("llm_proj."))
     assert not torch.equal(ours["llm_proj.weight"], theirs["llm_proj.weight"])
+
+
+def _v1_keys(state):
+    """Our Qwen keys -> Qwen v1's (the layout of MiniGPT4Qwen's llm_model.*), fusing q/k/v."""
+    out = {"transformer.wte.weight": state["embed_tokens.weight"], "transformer.ln_f.weight": state["norm.weight"],
+           "lm_head.weight": state["lm_head.weight"]}
+    for i in range(len({k.split(".")[1] for k in state if k.startswith("layers.")})):
+        p, h = f"layers.{i}.", f"transformer.h.{i}."
+        for w in ("weight", "bias"):
+            out[h + "attn.c_attn." + w] = torch.cat([state[p + f"self_attn.{x}_proj.{w}"] for x in "qkv"])
+        out.update({h + "ln_1.weight": state[p + "input_layernorm.weight"],
+                    h + "ln_2.weight": state[p + "post_attention_layernorm.weight"],
+                    h + "attn.c_proj.weight": state[p + "self_attn.o_proj.weight"],
+                    h + "mlp.w1.weight": state[p + "mlp.up_proj.weight"],
+                    h + "mlp.w2.weight": state[p + "mlp.gate_proj.weight"],
+                    h + "mlp.c_proj.weight": state[p + "mlp.down_proj.weight"]})
+    return out
+
+
+def test_minigpt4qwen_stage_checkpoints_load_every_key(tmp_path):
+    """Stage 1 (model.pth: llm_proj) and stage 2 (unfreeze_llm_model.pth: llm_proj + the fine-tuned
+    Qwen v1 under llm_model.*) replace the base weights; nothing is dropped silently."""
+    from dataclasses import asdict
+    from convert import CheckpointError, save_checkpoint, save_llm
+    base, tuned = tiny_model(0, llm_type="qwen1"), tiny_model(1, llm_type="qwen1")
+    save_llm(str(tmp_path / "llm"), base.llm, base.config.llm)
+    vision = torch.nn.Module()
+    vision.vit, vision.qformer = base.vit, base.qformer
+    save_checkpoint(str(tmp_path / "vision"), vision, {"vit": asdict(base.config.vit),
+                                                       "qformer": asdict(base.config.qformer)})
+    proj = {"llm_proj." + k: v for k, v in tuned.llm_proj.state_dict().items()}
+    llm = {"llm_model." + k: v for k, v in _v1_keys(tuned.llm.state_dict()).items()}
+    torch.save({"model": proj}, tmp_path / "model.pth")
+    torch.save({"model": {**proj, **llm}}, tmp_path / "unfreeze_llm_model.pth")
+    build = lambda p: MultimodalLM.from_parts(tmp_path / "vision", tmp_path / "llm", proj=str(p), image_token_id=IMG)
+    stage1, stage2 = build(tmp_path / "model.pth"), build(tmp_path / "unfreeze_llm_model.pth")
+    for model, llm_from in ((stage1, base), (stage2, tuned)):
+        got = model.state_dict()
+        for k, v in {**tuned.state_dict(), **{k: v for k, v in base.state_dict().items() if k.startswith(("vit.", "qformer."))},
+                     **{"llm." + k: v for k, v in llm_from.llm.state_dict().items()}}.items():
+            assert torch.equal(got[k], v), k
+    torch.save({"model": {**proj, "t5_proj.weight": torch.zeros(2)}}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(no rename rule, not ignored\): \['t5_proj.weight'\]"):
+        build(tmp_path / "odd.pth")

@@ -362,6 +362,10 @@ def _run_model(pp, dpg, llm, freeze, schedule, m, share, shard_dir, b=2):
         assert sorted(merged) == sorted(full), where
         for k, v in full.items():
             assert (merged[k] - v).abs().max() <= 1e-5 * v.abs().max() + 1e-7, f"{where}: merged {k}"
+        from convert import convert_stages  # the CLI's merge: config from the shards, every key checked
+        convert_stages(shard_dir, shard_dir + "-merged")
+        loaded = MultimodalLM.from_checkpoint(shard_dir + "-merged").state_dict()
+        assert sorted(loaded) == sorted(full) and all(torch.equal(loaded[k], merged[k]) for k in full), where
     with torch.no_grad():
         saved = {k: v.clone() for k, v in runner.state_dict().items()}
         for p_ in runner.module.parameters():
