@@ -269,9 +269,7 @@ class MultimodalLM(nn.Module):
         if seed is not None:
             generator = torch.Generator(dev).manual_seed(seed)
         x = self.embed(input_ids, images)
-        # phi.py attends in fp32 and its cache must match (a bf16 cache fails in sdpa, phi.py issue)
-        cache_dtype = torch.float32 if self.config.llm_type == "phi" else x.dtype
-        cache = self.llm.new_cache(B, T + max_new_tokens, dtype=cache_dtype, device=dev)
+        cache = self.llm.new_cache(B, T + max_new_tokens, dtype=x.dtype, device=dev)
         # positions count real tokens only (the LLM's default), so left padding changes nothing;
         # only the last position's logits are needed
         logits = self.llm.head(self.llm.hidden(inputs_embeds=x, attention_mask=mask, cache=cache)[:, -1])

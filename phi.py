@@ -111,3 +111,7 @@ class Phi(DecoderLM):
         head_dim = config.n_embd // config.n_head
         self.rotary = Rotary(int(head_dim * config.partial_rotary_factor), config.rope_theta)
         self.ntk_len = None
+
+    def new_cache(self, batch_size, max_len, dtype=None, device=None):
+        """Attention runs in fp32 (above), so the cache keeps fp32 keys/values whatever the weights."""
+        return super().new_cache(batch_size, max_len, torch.float32, device)
