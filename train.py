@@ -332,23 +332,24 @@ def accuracy_table(acc, chance):
 
 
 def plot_losses(path, train, val):
-    """Loss curve PNG with Pillow: train loss (blue) and held-out loss (red dots) against step."""
+    """Loss curve PNG with Pillow, log scale: train loss (blue) and held-out loss (red dots)."""
     from PIL import Image, ImageDraw
     W, H, m = 640, 400, 40
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    pts = train + val
+    pts = [(s, l) for s, l in train + val if l > 0]
     if pts:
-        x1, y1 = max(p[0] for p in pts) or 1, max(p[1] for p in pts) or 1
-        xy = lambda s, l: (m + s / x1 * (W - 2 * m), H - m - l / y1 * (H - 2 * m))
-        d.line([xy(*p) for p in train], fill=(30, 80, 200), width=2)
-        for p in val:
-            x, y = xy(*p)
+        x1 = max(s for s, _ in pts) or 1
+        lo, hi = min(math.log10(l) for _, l in pts), max(math.log10(l) for _, l in pts)
+        xy = lambda s, l: (m + s / x1 * (W - 2 * m), H - m - (math.log10(l) - lo) / (hi - lo or 1) * (H - 2 * m))
+        d.line([xy(s, l) for s, l in train if l > 0], fill=(30, 80, 200), width=1)
+        for x, y in (xy(s, l) for s, l in val if l > 0):
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(200, 40, 40))
-        d.text((m, 8), f"loss (max {y1:.2f}) vs step (max {x1}); blue train, red held-out", fill="black")
+        d.text((m, 8), f"loss, log scale {10 ** lo:.3g}..{10 ** hi:.3g}, steps 0..{x1}; blue train, red held-out", fill="black")
     d.line([(m, m), (m, H - m), (W - m, H - m)], fill="black")
     img.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
+
 
 # ----------------------------------------------------------------------------- checkpoints
 
