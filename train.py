@@ -69,8 +69,8 @@ class Config:
     batch_size: int = 32         # per rank and microbatch
     grad_accum: int = 1
     max_iters: int = 3000
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    lr: float = 1e-3
+    min_lr: float = 1e-4
     vision_lr_scale: float = 1.0  # lr multiplier for vit + qformer
     warmup_iters: int = 100
     weight_decay: float = 0.0
