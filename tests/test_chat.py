@@ -247,6 +247,10 @@ def test_answer_ends_at_a_stop_token(toy):
     assert run(c, out, "hello?") == "\n" and c.turns == [("user", "hello?"), ("assistant", "")]
 
 
+def test_default_checkpoint_is_where_train_py_writes():
+    assert chat.DEFAULT_CKPT == train.parse_args([]).out_dir
+
+
 def test_start_up_errors(toy, tmp_path, capsys):
     def fails(*argv):
         assert chat.main(list(argv)) == 1
@@ -351,6 +355,13 @@ def test_trained_toy_answers_about_held_out_images(trained):
         assert c.handle(path) and c.handle(":f")
         right += c.ask(question) == colour
     assert right >= 18, f"{right}/20 held-out colour questions answered right"  # chance is at most 40%
+    model, tok, max_frames = chat.load(ckpt, dtype="bf16")
+    right_bf16 = 0
+    for path, colour in rows:
+        c = Chat(model, tok, out=io.StringIO(), max_frames=max_frames)
+        assert c.handle(path) and c.handle(":f")
+        right_bf16 += c.ask(question) == colour
+    assert right_bf16 >= 18, f"bf16: {right_bf16}/20"
     # the real REPL through stdin, then a second question in the same conversation, and one-shot mode
     path, colour = rows[0]
     p = chat_process("--ckpt", ckpt, stdin=f"{path}\n:f\n{question}\n:clh\n{question}\n")
