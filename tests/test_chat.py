@@ -19,7 +19,6 @@ import torch
 
 import chat
 from chat import Chat
-from data import IMAGE_TOKEN
 from model import MultimodalLM
 from synthetic import make_synthetic, one_shape_image, write_video
 from tokenizer import Tokenizer
