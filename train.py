@@ -5,9 +5,9 @@ With no arguments it trains the toy model (the real architecture at tiny sizes) 
 the built-in synthetic dataset on the CPU, evaluates held-out exact-match accuracy per task and
 writes a checkpoint to out/toy/ where `python chat.py` finds it.
 
-    python train.py                                    # the toy, about 10 minutes on 2 CPU cores
-    python train.py --preset=toy-long                  # longer, aims at 95% on every task
-    python train.py --max_iters=2000 --lr=1e-3         # any Config field as --key=value
+    python train.py                                    # the toy: ~7 min of one CPU core (405 s CPU)
+    python train.py --preset=toy-long                  # 5x longer, 4x the data, for every task
+    python train.py --max_iters=2000 --batch_size=16   # any Config field as --key=value
     python train.py --resume                           # continue out/<preset>/ exactly
     torchrun --nproc_per_node=4 train.py               # data parallel, one node
     torchrun --nproc_per_node=4 train.py --num_stages=2    # 2 pipeline stages x 2 replicas
