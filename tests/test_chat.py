@@ -319,7 +319,7 @@ def test_terminal_ctrl_c_at_the_prompt_and_ctrl_d(toy):
         os.execve(sys.executable, [sys.executable, "chat.py", "--ckpt", toy], {**os.environ, **ONE_THREAD})
     seen = b""
 
-    def expect(text, timeout=60):
+    def expect(text, timeout=120):  # generous: start-up on a busy machine
         nonlocal seen
         deadline = time.time() + timeout
         while text.encode() not in seen:
