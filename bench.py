@@ -27,6 +27,16 @@ def timeit(fn, repeat=5, warmup=1):
     return statistics.median(times)
 
 
+def hf_qwen2_config(c):
+    """transformers' Qwen2Config for one of our QwenConfigs (the reference side of a comparison)."""
+    import transformers
+    return transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta, rms_norm_eps=c.rms_eps,
+        tie_word_embeddings=c.tie_embeddings)
+
+
 # --- decode ---
 
 def _decode_pair(preset, dtype):
@@ -36,13 +46,8 @@ def _decode_pair(preset, dtype):
     from convert import QWEN2_IGNORE, QWEN2_RULES, build_llm, load_into, remap
     from qwen import QwenConfig
     c = QwenConfig.preset(preset)
-    hc = transformers.Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta, rms_norm_eps=c.rms_eps,
-        tie_word_embeddings=c.tie_embeddings)
     torch.manual_seed(0)
-    ref = transformers.Qwen2ForCausalLM(hc).to(dtype).eval()
+    ref = transformers.Qwen2ForCausalLM(hf_qwen2_config(c)).to(dtype).eval()
     ours = load_into(build_llm("qwen", c, dtype), remap(ref.state_dict(), QWEN2_RULES, QWEN2_IGNORE)).eval()
     return ref, ours
 
@@ -352,11 +357,7 @@ def _chat_pair(name, dtype):
         cfg = MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny", num_query=32),
                        llm=QwenConfig.preset(name))
     v, q, c = cfg.vit, cfg.qformer, cfg.llm
-    text = transformers.Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta, rms_norm_eps=c.rms_eps,
-        tie_word_embeddings=c.tie_embeddings)
+    text = hf_qwen2_config(c)
     torch.manual_seed(0)
     hf = transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
         vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
