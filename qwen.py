@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -179,11 +180,16 @@ class DecoderLM(nn.Module):
                 mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_idx == q_idx)
         return Ctx(cos, sin, mask, logn, cache)
 
+    grad_checkpointing = False  # recompute each block in backward to save activation memory
+
     def forward_blocks(self, x, blocks, position_ids=None, attention_mask=None):
         """Run `blocks` (any slice of self.layers) on hidden states x [B, T, C], without cache."""
         ctx = self._ctx(x, position_ids, attention_mask, None)
         for block in blocks:
-            x = block(x, ctx)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, ctx, use_reentrant=False)
+            else:
+                x = block(x, ctx)
         return x
 
     def head(self, x):
@@ -192,11 +198,12 @@ class DecoderLM(nn.Module):
     def hidden(self, idx=None, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None):
         """Final hidden states before `head`; advances the cache."""
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
+        if cache is None:  # training takes this path, the one the pipeline stages share
+            return self.forward_blocks(x, self.layers, position_ids, attention_mask)
         ctx = self._ctx(x, position_ids, attention_mask, cache)
         for block in self.layers:
             x = block(x, ctx)
-        if cache is not None:
-            cache.len += x.shape[1]
+        cache.len += x.shape[1]
         return x
 
     def forward(self, idx=None, inputs_embeds=None, targets=None, position_ids=None, attention_mask=None,

@@ -26,7 +26,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -207,10 +206,7 @@ def build(cfg, words):
                                         llm_type=preset.llm_type, proj=preset.proj, proj_hidden=preset.proj_hidden,
                                         image_token_id=tok.token_id(IMAGE_TOKEN), **overrides)
     if cfg.grad_checkpointing:
-        model.vit.grad_checkpointing = True
-        from torch.utils.checkpoint import checkpoint
-        for block in model.llm.layers:  # recompute each decoder block in backward (keys unchanged)
-            block.forward = partial(checkpoint, type(block).forward, block, use_reentrant=False)
+        model.vit.grad_checkpointing = model.llm.grad_checkpointing = True
     return model, tok
 
 
