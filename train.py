@@ -237,8 +237,9 @@ def datasets(cfg, tok, nq):
         train_json, val_json, root, words = d["train"], d["val"], d["image_root"], d["words"]
     else:
         train_json, val_json, root = cfg.data, cfg.val_data, cfg.image_root
+    phi = cfg.model != "toy" and MMConfig.preset(cfg.model).llm_type == "phi"  # chat.py picks the same template
     make = lambda path, train: VLDataset(path, root, tok, nq, cfg.image_size, cfg.max_len, train=train,
-                                         max_frames=cfg.max_frames)
+                                         max_frames=cfg.max_frames, template="phi" if phi else "chatml")
     if tok is None:
         return words
     train = make(train_json, cfg.augment)
