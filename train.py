@@ -5,8 +5,8 @@ With no arguments it trains the toy model (the real architecture at tiny sizes) 
 the built-in synthetic dataset on the CPU, evaluates held-out exact-match accuracy per task and
 writes a checkpoint to out/toy/ where `python chat.py` finds it.
 
-    python train.py                                    # the toy: ~7 min of one CPU core (405 s CPU)
-    python train.py --preset=toy-long                  # 5x longer, 4x the data, for every task
+    python train.py                                    # the toy: ~9.5 min on one CPU core (incl. data)
+    python train.py --preset=toy-long                  # 4x longer, for every task
     python train.py --max_iters=2000 --batch_size=16   # any Config field as --key=value
     python train.py --resume                           # continue out/<preset>/ exactly
     torchrun --nproc_per_node=4 train.py               # data parallel, one node
@@ -46,13 +46,14 @@ class Config:
     val_data: str = ""
     image_root: str = ""
     synthetic_root: str = "data/synthetic"
-    n_train: int = 7000
+    n_train: int = 30000
     n_val: int = 800
     augment: bool = False        # random crop + flip; off for the toy (a flip turns left into right)
     max_len: int = 256
     max_frames: int = 2          # video frames the model sees (the synthetic videos have 4)
-    curriculum_tasks: str = "colour,caption"  # the warm-up's tasks (rows' `task` field)
-    curriculum_iters: int = 200  # steps of warm-up on curriculum_tasks only
+    curriculum_tasks: str = "count,shape,caption"  # the warm-up's tasks (rows' `task` field)
+    curriculum_iters: int = 1000  # steps of warm-up on curriculum_tasks only
+    oversample: str = "count,position,video"  # tasks drawn twice as often after the warm-up
     # model: 'toy' (built here) or an MM_PRESETS name; weights from convert.py output
     model: str = "toy"
     init: str = ""               # one of our multimodal checkpoints (e.g. a pretrain run's out_dir)
@@ -67,7 +68,7 @@ class Config:
     # optimisation: AdamW, linear warmup then cosine to min_lr
     batch_size: int = 32         # per rank and microbatch
     grad_accum: int = 1
-    max_iters: int = 3000
+    max_iters: int = 3700
     lr: float = 1e-3
     min_lr: float = 1e-4
     vision_lr_scale: float = 1.0  # lr multiplier for vit + qformer
@@ -255,12 +256,15 @@ def datasets(cfg, tok, nq):
 def step_batches(cfg, ds, pad_id, dp_rank, dp_size, step):
     """Yield the microbatches of step, step+1, ...: each epoch is a DistributedSampler permutation
     (keyed by seed, epoch and DP rank), so the data position is just the step number. The first
-    curriculum_iters steps draw only from curriculum_tasks (a warm-up on easy questions)."""
+    curriculum_iters steps draw only from curriculum_tasks (a warm-up on easy questions); after it,
+    the oversample tasks' rows are in each epoch twice."""
     per_step = cfg.batch_size * cfg.grad_accum
-    easy = [i for i, s in enumerate(getattr(ds, "ds", ds).samples) if s["task"] in cfg.curriculum_tasks.split(",")]
+    samples = getattr(ds, "ds", ds).samples
+    easy = [i for i, s in enumerate(samples) if s["task"] in cfg.curriculum_tasks.split(",")]
+    everything = list(range(len(ds))) + [i for i, s in enumerate(samples) if s["task"] in cfg.oversample.split(",")]
     fixed = cfg.max_len if cfg.num_stages > 1 else None  # the pipeline sends static shapes
     while True:
-        start, pool = (0, easy) if step < cfg.curriculum_iters else (cfg.curriculum_iters, range(len(ds)))
+        start, pool = (0, easy) if step < cfg.curriculum_iters else (cfg.curriculum_iters, everything)
         sampler = torch.utils.data.DistributedSampler(pool, dp_size, dp_rank, shuffle=True, seed=cfg.seed, drop_last=True)
         per_epoch = len(sampler) // per_step
         if per_epoch == 0:
