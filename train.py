@@ -98,7 +98,7 @@ class Config:
 # betas (0.9, 0.99), eps 1e-7, clip 1.0; paths are what convert.py was told to write.
 _BLIP2 = dict(init_vision="checkpoints/eva_vit_g,checkpoints/blip2", image_size=224, num_query=32, max_frames=32,
               augment=True, loss_norm="token", eps=1e-7, dtype="bf16", min_lr=0.0, image_root="data/images",
-              eval_every=0, ckpt_every=200, threads=0)
+              eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="")
 PRESETS = {
     "toy": dict(),
     "toy-long": dict(max_iters=15000, n_train=30000, eval_every=2500, ckpt_every=2500),
@@ -262,6 +262,9 @@ def step_batches(cfg, ds, pad_id, dp_rank, dp_size, step):
     samples = getattr(ds, "ds", ds).samples
     easy = [i for i, s in enumerate(samples) if s["task"] in cfg.curriculum_tasks.split(",")]
     everything = list(range(len(ds))) + [i for i, s in enumerate(samples) if s["task"] in cfg.oversample.split(",")]
+    if cfg.curriculum_iters > 0 and not easy:
+        raise ValueError(f"no training row has a task in curriculum_tasks={cfg.curriculum_tasks!r} "
+                         f"(rows name it in a 'task' field); set --curriculum_iters=0 for data without tasks")
     fixed = cfg.max_len if cfg.num_stages > 1 else None  # the pipeline sends static shapes
     while True:
         start, pool = (0, easy) if step < cfg.curriculum_iters else (cfg.curriculum_iters, everything)

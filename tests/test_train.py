@@ -144,3 +144,19 @@ def test_ddp_gradients_equal_one_process_whole_batch(tmp_path):
     assert abs(ddp["loss"] - loss) < 1e-6
     for n, p in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_warm_up_on_data_without_tasks_is_refused_and_public_presets_skip_it():
+    import train
+
+    class Rows:  # a dataset whose rows carry no `task` field (real data)
+        samples = [dict(task=None)] * 64
+
+        def __len__(self):
+            return 64
+    cfg = train.parse_args(["--data=mine.json"])
+    with pytest.raises(ValueError, match=r"no training row has a task in curriculum_tasks='count,shape,caption' "
+                                         r"\(rows name it in a 'task' field\); set --curriculum_iters=0"):
+        next(train.step_batches(cfg, Rows(), 0, 0, 1, 0))
+    for name in ("mpp-qwen7b-pretrain", "mpp-qwen7b-sft", "tinygptv-phi2"):
+        assert train.parse_args([f"--preset={name}"]).curriculum_iters == 0
