@@ -219,7 +219,6 @@ def bench_vision(which="all"):
 
 def _pipeline_worker(rank, port, steps, warmup, m):
     """One of 2 gloo processes: our 1F1B/GPipe and torch.distributed.pipelining's on the same stages."""
-    import copy
     import os
     import torch.distributed as dist
     from datetime import timedelta

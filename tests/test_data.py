@@ -1,6 +1,5 @@
 """data.py: image modes, EXIF, bad files, video sampling, the ChatML loss mask, VLDataset, collate."""
 import json
-import os
 import re
 import struct
 import wave
