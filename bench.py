@@ -43,12 +43,15 @@ def _decode_pair(preset, dtype):
     """Random weights shared by transformers' Qwen2ForCausalLM and our Qwen (no copy: our model
     adopts the reference's tensors)."""
     import transformers
-    from convert import QWEN2_IGNORE, QWEN2_RULES, build_llm, load_into, remap
-    from qwen import QwenConfig
+    from ckpt import load_into
+    from convert import QWEN2_IGNORE, QWEN2_RULES, remap
+    from qwen import Qwen, QwenConfig
     c = QwenConfig.preset(preset)
     torch.manual_seed(0)
     ref = transformers.Qwen2ForCausalLM(hf_qwen2_config(c)).to(dtype).eval()
-    ours = load_into(build_llm("qwen", c, dtype), remap(ref.state_dict(), QWEN2_RULES, QWEN2_IGNORE)).eval()
+    with torch.device("meta"):
+        ours = Qwen(c).to(dtype)
+    ours = load_into(ours, remap(ref.state_dict(), QWEN2_RULES, QWEN2_IGNORE)).eval()
     return ref, ours
 
 
@@ -84,7 +87,7 @@ def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtyp
             idx = torch.randint(0, ours.config.vocab_size, (1, prompt_len))
             ones = torch.ones_like(idx)
             fns = {
-                "ours": lambda: ours.generate(idx, n),
+                "ours": lambda: ours.generate(idx, max_new_tokens=n),
                 "hf": lambda: ref.generate(idx, attention_mask=ones, max_new_tokens=n, do_sample=False,
                                            pad_token_id=0)[:, prompt_len:],
                 "floor": _floor(ours, prompt_len, n),
@@ -118,12 +121,13 @@ def _peak_rss_child(mode, src, dst):
     """Run in a fresh process: peak RSS (MB) above the post-import RSS for one loading job."""
     import convert
     import transformers
+    from model import load_llm
     base = _vm("VmRSS")
     with torch.no_grad():
         if mode == "convert":  # HF dir -> our checkpoint
             convert.convert_qwen2(src, dst)
         elif mode == "ours":  # our checkpoint -> model, then touch every weight
-            model, _ = convert.load_llm(dst)
+            model = load_llm(dst)
             sum(float(p.float().sum()) for p in model.parameters())
         else:  # the reference: transformers from_pretrained, every weight touched
             model = transformers.Qwen2ForCausalLM.from_pretrained(src)
@@ -144,7 +148,7 @@ def bench_load(preset="qwen2.5-0.5b", dtype="bfloat16"):
         del ref
         print(f"{preset} {dtype}: weights {size:.0f} MB; peak RSS above the RSS after imports:")
         for mode, what in [("convert", "python convert.py qwen2 (HF dir -> ours)"),
-                           ("ours", "convert.load_llm + touch every weight"),
+                           ("ours", "model.load_llm + touch every weight"),
                            ("hf", "transformers from_pretrained + touch every weight")]:
             code = f"import bench; bench._peak_rss_child({mode!r}, {src!r}, {dst!r})"
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -157,6 +161,7 @@ def bench_load(preset="qwen2.5-0.5b", dtype="bfloat16"):
 def _vision_pair(vit_cfg, qformer_cfg):
     """Our vit+qformer and an HF Blip2Model (tiny OPT text side, unused) holding the same weights."""
     from transformers import Blip2Config, Blip2Model, OPTConfig
+    import ckpt
     import convert
     from vit import EVAViT
     from qformer import QFormer
@@ -176,7 +181,7 @@ def _vision_pair(vit_cfg, qformer_cfg):
     hf.vision_model.post_layernorm.eps = 1e-5  # as LAVIS's ln_vision (HF reuses the ViT's 1e-6)
     ours = torch.nn.Module()
     ours.vit, ours.qformer = EVAViT(vit_cfg), QFormer(qformer_cfg)
-    convert.load_into(ours, convert.vision_state(hf.state_dict(), "blip2_hf", vit_cfg))
+    ckpt.load_into(ours, convert.vision_state(hf.state_dict(), "blip2_hf", vit_cfg), cast=True)  # pos_embed: fp32 from the resize
     return ours.eval(), hf
 
 
@@ -343,7 +348,8 @@ def _chat_pair(name, dtype):
     the same random weights (ours adopts the reference's tensors). 'toy': train.py's toy shapes;
     'qwen2.5-0.5b': that LLM behind the tiny ViT and a 32-query tiny Q-Former."""
     import transformers
-    from convert import QWEN2_IGNORE, QWEN2_RULES, load_into, remap, vision_state
+    from ckpt import load_into
+    from convert import QWEN2_IGNORE, QWEN2_RULES, remap, vision_state
     from model import MMConfig, MultimodalLM
     from qformer import QFormerConfig
     from qwen import QwenConfig
@@ -375,7 +381,8 @@ def _chat_pair(name, dtype):
     state.update({"llm." + k: t for k, t in remap(lm, QWEN2_RULES, QWEN2_IGNORE).items()})
     state.update({"llm_proj." + k: src["language_projection." + k] for k in ("weight", "bias")})
     with torch.device("meta"):
-        ours = MultimodalLM(cfg)
+        ours = MultimodalLM(cfg).to(dtype)  # in the row's dtype: load_into refuses a silent cast
+    state["vit.pos_embed"] = state["vit.pos_embed"].to(dtype)  # the resize computes in fp32
     ours = load_into(ours, state).eval()
     ours.qformer.ln_vision.eps = hf.config.vision_config.layer_norm_eps  # HF reuses the ViT's eps
     return ours, hf

@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from data import IMAGE_HERE, IMAGE_TOKEN, encode_conversation, load_image, load_video, preprocess
+import ckpt
+from data import IMAGE_HERE, IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, encode_conversation, load_image, load_video, preprocess
 from model import MultimodalLM
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -76,6 +77,10 @@ def load(path, device="cpu", dtype="fp32"):
         hint = " (run `python train.py` first)" if path == DEFAULT_CKPT else ""
         raise ChatError(f"checkpoint not found: {path}{hint}")
     d = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    try:
+        d = ckpt.resolve(d)  # a training run's directory: its latest complete step
+    except ckpt.CheckpointError as e:
+        raise ChatError(str(e)) from None
     files = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json")
              if not os.path.isfile(os.path.join(d, f))]
     if files or not (os.path.isdir(path) or os.path.basename(path) == "model.safetensors"):
@@ -106,10 +111,10 @@ class Chat:
         self.model, self.tok, self.out, self.err, self.seed = model, tok, out, err or out, seed
         self.max_frames = max_frames
         cfg = model.config
-        self.template = "phi" if cfg.llm_type == "phi" else "chatml"
-        stops = ["<|endoftext|>"] if self.template == "phi" else ["<|im_end|>", "<|im_start|>", "<|endoftext|>"]
+        self.template = LLM_TEMPLATES[cfg.llm_type]
         # embedding rows past the tokenizer (padding to a round size) decode to nothing: stop there
-        self.stop_ids = [tok.token_id(s) for s in stops] + list(range(tok.n_vocab, cfg.llm.vocab_size))
+        self.stop_ids = ([tok.token_id(s) for s in TEMPLATES[self.template]["stops"]]
+                         + list(range(tok.n_vocab, cfg.llm.vocab_size)))
         self.size, self.nq, self.context = cfg.vit.img_size, cfg.qformer.num_query, cfg.llm.max_seq_len
         self.conf = {k: v[0] for k, v in CONF.items()}
         self.media = []    # (path, kind, pixels [n, 3, S, S]) of every input, in order
@@ -200,42 +205,49 @@ class Chat:
         self.conf.update(new)  # all or nothing
         self.say(" ".join(f"{k}={v}" for k, v in self.conf.items()), self.out)
 
+    def finish_inputs(self, _):
+        self.starting = False
+        self.say(f"{len(self.media)} input(s); ask a question", self.out)
+
+    def clear_history(self, _):
+        self.turns, self.images, self.pending = [], [], list(range(len(self.media)))
+        self.say("history cleared", self.out)
+
+    def show_history(self, _):
+        for role, text in self.turns:
+            self.say(f"{role}: {text}", self.out)
+        if not self.turns:
+            self.say("(no history)", self.out)
+
+    def list_media(self, _):
+        for i, (path, kind, px) in enumerate(self.media):
+            waiting = " (attached to the next question)" if i in self.pending else ""
+            self.say(f"{i + 1}: {kind} {path}" + (f" ({len(px)} frames)" if kind == "video" else "") + waiting, self.out)
+        if not self.media:
+            self.say("(no images)", self.out)
+
+    def set_seed(self, arg):
+        if arg and not arg.lstrip("-").isdigit():
+            return self.say(f"error: :seed takes an integer, got {arg!r}")
+        self.seed = int(arg) if arg else self.seed
+        self.say(f"seed {self.seed}", self.out)
+
+    def reset_conf(self, _):
+        self.conf = {k: v[0] for k, v in CONF.items()}
+        self.set_conf("")
+
     def command(self, cmd, arg):
-        if cmd in ("help", "h"):
-            self.say(HELP, self.out)
-        elif cmd == "f":
-            self.starting = False
-            self.say(f"{len(self.media)} input(s); ask a question", self.out)
-        elif cmd in ("clear", "cl"):
-            self.out.write("\033[2J\033[H")
-        elif cmd in ("clear-history", "clh"):
-            self.turns, self.images, self.pending = [], [], list(range(len(self.media)))
-            self.say("history cleared", self.out)
-        elif cmd in ("history", "his"):
-            for role, text in self.turns:
-                self.say(f"{role}: {text}", self.out)
-            if not self.turns:
-                self.say("(no history)", self.out)
-        elif cmd == "img":
-            for i, (path, kind, px) in enumerate(self.media):
-                waiting = " (attached to the next question)" if i in self.pending else ""
-                self.say(f"{i + 1}: {kind} {path}" + (f" ({len(px)} frames)" if kind == "video" else "") + waiting, self.out)
-            if not self.media:
-                self.say("(no images)", self.out)
-        elif cmd == "add":
-            self.add(arg) if arg else self.say("error: usage: :add PATH")
-        elif cmd == "seed":
-            if arg and not arg.lstrip("-").isdigit():
-                return self.say(f"error: :seed takes an integer, got {arg!r}")
-            self.seed = int(arg) if arg else self.seed
-            self.say(f"seed {self.seed}", self.out)
-        elif cmd == "conf":
-            self.set_conf(arg)
-        elif cmd == "reset-conf":
-            self.conf = {k: v[0] for k, v in CONF.items()}
-            self.set_conf("")
-        else:
-            self.say(f"unknown command :{cmd}; :h lists the commands")
+        commands = {
+            ("help", "h"): lambda _: self.say(HELP, self.out), ("f",): self.finish_inputs,
+            ("clear", "cl"): lambda _: self.out.write("\033[2J\033[H"), ("clear-history", "clh"): self.clear_history,
+            ("history", "his"): self.show_history, ("img",): self.list_media,
+            ("add",): lambda a: self.add(a) if a else self.say("error: usage: :add PATH"),
+            ("seed",): self.set_seed, ("conf",): self.set_conf, ("reset-conf",): self.reset_conf,
+        }
+        for names, fn in commands.items():
+            if cmd in names:
+                return fn(arg)
+        self.say(f"unknown command :{cmd}; :h lists the commands")
 
     def handle(self, line):
         line = line.strip()

@@ -1,95 +1,44 @@
 """
-Public checkpoints in, our checkpoint out.
+Public checkpoints in, our checkpoint out: the only file that knows the public layouts.
 
 Reads HF checkpoint directories (single or sharded safetensors with the index json, or .bin
-shards), single .safetensors / .bin / .pth files, renames keys through one readable table per
-model family, checks every key and shape before copying anything, and writes our own format:
-a directory with `model.safetensors` + `config.json`.
+shards), LAVIS / MiniGPT4Qwen .pth files, renames keys through one readable table per model
+family, checks every key and shape before copying anything, and writes our format (ckpt.py): a
+directory with `model.safetensors` + `config.json` (+ the tokenizer beside an LLM).
 
-    python convert.py qwen2 ~/hf/Qwen2.5-0.5B-Instruct out/qwen2.5-0.5b
-    python convert.py qwen1 ~/hf/Qwen-7B-Chat out/qwen7b-chat
-    python convert.py phi   ~/hf/phi-2 out/phi-2
+    python convert.py qwen2        ~/hf/Qwen2.5-0.5B-Instruct out/qwen2.5-0.5b
+    python convert.py qwen1        ~/hf/Qwen-7B-Chat out/qwen7b-chat
+    python convert.py phi          ~/hf/phi-2 out/phi-2
+    python convert.py eva_vit_g    eva_vit_g.pth out/eva_vit_g
+    python convert.py blip2_lavis  blip2_pretrained_flant5xxl.pth out/blip2
+    python convert.py blip2_hf     ~/hf/blip2-opt-2.7b out/blip2-hf
+    python convert.py minigpt4qwen model.pth out/mpp-stage1          # or unfreeze_llm_model.pth
+    python convert.py stages       out/run/step-000200 out/run-merged  # pipeline shards -> one model
 
-Safetensors are parsed here (an 8-byte header length, a JSON header, raw bytes) and memory-mapped,
-so loading a model built on the meta device costs about the size of the weights in RAM.
+Nothing in the project imports this file (bench.py and the tests do): training and chat read only
+our format. It is longer than the other tools because it holds one rename table and one config
+translation per public family (Qwen v1, Qwen2, Phi-2 / TinyGPT-V, EVA-ViT-g, two BLIP-2 layouts,
+MiniGPT4Qwen), each of which a reader can check against the published files line by line.
 """
 import json
 import os
-import pickle
 import re
 import sys
-import zipfile
+from dataclasses import asdict
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as-is; the message names the file or keys."""
-
+import ckpt
+from ckpt import CheckpointError
+from data import IMAGE_TOKEN
+from model import LLMS, MultimodalLM, save_llm
+from phi import PhiConfig
+from qformer import QFormer, QFormerConfig
+from qwen import QwenConfig
+from tokenizer import Tokenizer
+from vit import EVAViT, ViTConfig, interpolate_pos_embed
 
 # ----------------------------------------------------------------------------- reading
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def _read_safetensors(path):
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or 8 + n > size:
-            raise CheckpointError(f"{path}: truncated or not a safetensors file (header needs {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    end = max((h["data_offsets"][1] for h in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}")
-    # shared=False maps the file copy-on-write: pages are read lazily and the file is never written
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
-    out = {}
-    for key, h in header.items():
-        if h["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {h['dtype']}")
-        a, b = h["data_offsets"]
-        raw = torch.empty(0, dtype=torch.uint8).set_(storage, 8 + n + a, (b - a,))
-        dtype = _ST_DTYPES[h["dtype"]]
-        if (8 + n + a) % dtype.itemsize:  # the format does not promise alignment
-            raw = raw.clone()
-        out[key] = raw.view(dtype).view(h["shape"])
-    return out
-
-
-def _read_torch(path):
-    try:
-        # mmap needs the zip format (torch >= 1.6); older files are read into memory
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: refusing to unpickle: the file holds Python objects other than "
-                              f"tensors (weights_only=True): {first}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt torch checkpoint ({e})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]  # LAVIS / MiniGPT4Qwen nest the weights under "model"
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
-    return obj
-
-
-def _read_file(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    return _read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path)
-
 
 def _hf_files(d):
     """The weight files of an HF checkpoint directory, with the key -> file map if sharded."""
@@ -106,12 +55,13 @@ def _hf_files(d):
 
 def read_state_dict(path):
     """All tensors of a checkpoint file or HF directory, memory-mapped where the format allows."""
+    path = os.fspath(path)
     if not os.path.isdir(path):
-        return _read_file(path)
+        return ckpt.read_file(path)
     files, weight_map = _hf_files(path)
     state = {}
     for name in files:
-        part = _read_file(os.path.join(path, name))
+        part = ckpt.read_file(os.path.join(path, name))
         dup = state.keys() & part.keys()
         if dup:
             raise CheckpointError(f"{path}/{name}: keys also present in another shard: {sorted(dup)[:5]}")
@@ -155,104 +105,6 @@ def remap(src, rules, ignore=()):
         raise CheckpointError(f"unexpected keys (no rename rule, not ignored): {sorted(unknown)[:10]}"
                               + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     return out
-
-
-def _aliases(module):
-    """{alias key: canonical key} for parameters shared by two names (tied embeddings)."""
-    seen, alias = {}, {}
-    for key, t in module.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            alias[key] = seen[id(t)]
-        else:
-            seen[id(t)] = key
-    return alias
-
-
-def _few(keys):
-    keys = sorted(keys)
-    return ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
-
-
-def load_into(module, state):
-    """Load `state` into `module` after checking every key and shape. Tied aliases may be absent.
-    Parameters on the meta device are replaced by the (memory-mapped) tensors themselves."""
-    own = module.state_dict(keep_vars=True)
-    alias = _aliases(module)
-    missing = own.keys() - state.keys() - alias.keys()
-    unexpected = state.keys() - own.keys()
-    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        msg = [f"missing keys: {_few(missing)}" if missing else "",
-               f"unexpected keys: {_few(unexpected)}" if unexpected else "",
-               f"shape mismatch: {_few(wrong)}" if wrong else ""]
-        raise CheckpointError("; ".join(m for m in msg if m))
-    with torch.no_grad():
-        for key, dst in own.items():
-            if key in alias:
-                continue
-            src = state[key].to(dst.dtype)
-            if not dst.is_meta:
-                dst.copy_(src)
-                continue
-            owner, _, name = key.rpartition(".")
-            sub = module.get_submodule(owner)
-            if isinstance(dst, torch.nn.Parameter):
-                src = torch.nn.Parameter(src, requires_grad=dst.requires_grad)
-            setattr(sub, name, src)
-        for key, canon in alias.items():  # re-tie: point the alias at the (new) canonical tensor
-            owner, _, name = key.rpartition(".")
-            setattr(module.get_submodule(owner), name, module.get_parameter(canon))
-    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left:  # e.g. a non-persistent buffer of a model built on the meta device
-        raise CheckpointError(f"still on the meta device after loading: {_few(left)}")
-    return module
-
-
-# ----------------------------------------------------------------------------- our checkpoint format
-
-def _write_safetensors(path, state):
-    header, offset = {}, 0
-    for k, t in state.items():
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # keep tensor data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for t in state.values():  # streamed tensor by tensor: no second copy of the model
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def _write_file(path, content):
-    with open(path, "wb" if isinstance(content, bytes) else "w") as f:
-        f.write(content)
-
-
-def _atomic(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(d, model, config_dict, extra=None):
-    """Write `d/model.safetensors` (tied aliases stored once) + `d/config.json`; `extra` maps
-    further file names to str/bytes contents. Every file is written to a temp name then renamed."""
-    os.makedirs(d, exist_ok=True)
-    alias = _aliases(model)
-    state = {k: v for k, v in model.state_dict().items() if k not in alias}
-    _atomic(os.path.join(d, "model.safetensors"), lambda p: _write_safetensors(p, state))
-    files = {"config.json": json.dumps(config_dict, indent=2) + "\n", **(extra or {})}
-    for name, content in files.items():
-        _atomic(os.path.join(d, name), lambda p: _write_file(p, content))
-
-
-def load_checkpoint(d):
-    """(state, config_dict) of a directory written by save_checkpoint."""
-    with open(os.path.join(d, "config.json")) as f:
-        config = json.load(f)
-    return read_state_dict(os.path.join(d, "model.safetensors")), config
 
 
 # --- llm ---
@@ -308,7 +160,6 @@ def _rope_theta(hf, default):
 
 
 def qwen2_config(hf):
-    from qwen import QwenConfig
     return QwenConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                       n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
                       intermediate_size=hf["intermediate_size"], rope_theta=_rope_theta(hf, 10000.0),
@@ -317,7 +168,6 @@ def qwen2_config(hf):
 
 
 def qwen1_config(hf):
-    from qwen import QwenConfig
     if hf.get("rotary_pct", 1.0) != 1.0 or not hf.get("use_dynamic_ntk", True) or not hf.get("use_logn_attn", True):
         raise CheckpointError("Qwen v1 config: only rotary_pct=1 with dynamic NTK and log-n attention is implemented")
     return QwenConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
@@ -328,7 +178,6 @@ def qwen1_config(hf):
 
 
 def phi_config(hf):
-    from phi import PhiConfig
     if hf.get("hidden_act", "gelu_new") != "gelu_new":
         raise CheckpointError(f"Phi config: hidden_act {hf['hidden_act']!r} is not implemented (gelu_new only)")
     rope = hf.get("rope_parameters") or {}
@@ -340,17 +189,9 @@ def phi_config(hf):
                      tinygptv=bool(hf.get("qk_layernorm", False)))
 
 
-def build_llm(arch, config, dtype=torch.float32):
-    """An LLM with no storage (meta device): load_into then adopts the checkpoint's tensors."""
-    from qwen import Qwen
-    from phi import Phi
-    with torch.device("meta"):
-        return {"qwen": Qwen, "phi": Phi}[arch](config).to(dtype)
-
-
 def llm_from_hf(src, kind, dtype=None):
     """(model, config) from an HF directory; kind 'qwen2' | 'qwen1' | 'phi'. dtype defaults to
-    the checkpoint's."""
+    the checkpoint's (a different one is an explicit cast)."""
     with open(os.path.join(src, "config.json")) as f:
         hf = json.load(f)
     state = read_state_dict(src)
@@ -360,25 +201,9 @@ def llm_from_hf(src, kind, dtype=None):
     rules, ignore = {"qwen2": (QWEN2_RULES, QWEN2_IGNORE), "qwen1": (QWEN1_RULES, QWEN1_IGNORE),
                      "phi": (phi_rules(config.n_head), PHI_IGNORE)}[kind]
     dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
-    model = build_llm("phi" if kind == "phi" else "qwen", config, dtype)
-    return load_into(model, remap(state, rules, ignore)), config
-
-
-def save_llm(d, model, config):
-    from dataclasses import asdict
-    arch = "phi" if type(model).__name__ == "Phi" else "qwen"
-    save_checkpoint(d, model, {"arch": arch, **asdict(config)})
-
-
-def load_llm(d, dtype=None):
-    """(model, config) from our checkpoint directory, memory-mapped; dtype defaults to the stored one."""
-    from qwen import QwenConfig
-    from phi import PhiConfig
-    state, cfg = load_checkpoint(d)
-    arch = cfg.pop("arch")
-    config = {"qwen": QwenConfig, "phi": PhiConfig}[arch](**cfg)
-    dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
-    return load_into(build_llm(arch, config, dtype), state), config
+    with torch.device("meta"):  # no storage: load_into adopts the checkpoint's tensors
+        model = LLMS["phi" if kind == "phi" else "qwen"][1](config).to(dtype)
+    return ckpt.load_into(model, remap(state, rules, ignore), cast=True), config
 
 
 def tokenizer_from_hf(src, vocab_size):
@@ -386,8 +211,6 @@ def tokenizer_from_hf(src, vocab_size):
     or None if it ships none. Only Qwen v1 has the image slot <|extra_0|>; for the others it takes
     the first free id, one of the spare embedding rows these checkpoints have (Qwen2: 151936 rows
     for 151665 tokens, Phi-2: 51200 for 50295), so MMConfig.image_token_id can name it."""
-    from data import IMAGE_TOKEN
-    from tokenizer import Tokenizer
     if os.path.exists(os.path.join(src, "qwen.tiktoken")):
         tok = Tokenizer.from_qwen_tiktoken(os.path.join(src, "qwen.tiktoken"))
     elif any(os.path.exists(os.path.join(src, f)) for f in ("tokenizer.json", "vocab.json")):
@@ -404,7 +227,7 @@ def tokenizer_from_hf(src, vocab_size):
 
 def _convert_llm(src, dst, kind):
     model, config = llm_from_hf(src, kind)
-    save_llm(dst, model, config)
+    save_llm(dst, model)
     tok = tokenizer_from_hf(src, config.vocab_size)
     if tok is not None:  # beside the weights, where train.py and chat.py look for it
         tok.save(dst)
@@ -514,7 +337,6 @@ def vision_state(src, kind, vit_config=None):
     keeps vit_config.depth blocks (default: the eva_vit_g preset, 39) and its pos_embed is resized
     to vit_config.img_size. Raises CheckpointError on any key neither renamed nor listed as unused.
     """
-    from vit import ViTConfig
     vit_config = vit_config or ViTConfig.preset("eva_vit_g")
     if kind == "eva_vit_g":
         out = remap(_drop_last_block(src, "", vit_config.depth), _table_rules(VIT_TABLE, 0, "", "vit."))
@@ -533,15 +355,12 @@ def vision_state(src, kind, vit_config=None):
     else:
         raise ValueError(f"unknown vision checkpoint kind {kind!r}")
     if "vit.pos_embed" in out:
-        from vit import interpolate_pos_embed
         out["vit.pos_embed"] = interpolate_pos_embed(out["vit.pos_embed"], vit_config.grid)
     return out
 
 
 def _vision_module(vit_config, qformer_config):
     """A meta-device container named like MultimodalLM (`vit`, `qformer`) to check and save weights."""
-    from vit import EVAViT
-    from qformer import QFormer
     module = torch.nn.Module()
     with torch.device("meta"):
         if vit_config:
@@ -552,19 +371,16 @@ def _vision_module(vit_config, qformer_config):
 
 
 def _save_vision(dst, state, vit_config, qformer_config):
-    from dataclasses import asdict
     module = _vision_module(vit_config, qformer_config)
     dtypes = {t.dtype for t in state.values()}
     module.to(dtypes.pop() if len(dtypes) == 1 else torch.float32)  # an all-fp16 file stays fp16
-    load_into(module, state)
-    save_checkpoint(dst, module, {name: asdict(c) for name, c in (("vit", vit_config), ("qformer", qformer_config)) if c})
+    ckpt.load_into(module, state, cast=True)  # an upsized fp16 pos_embed is fp32: back to the file's dtype
+    ckpt.save(dst, ckpt.state_of(module), {name: asdict(c) for name, c in (("vit", vit_config), ("qformer", qformer_config)) if c})
     print(f"{len(state)} tensors, {sum(t.numel() for t in state.values()) / 1e6:.1f}M parameters")
 
 
 def _hf_vision_configs(src):
     """ViTConfig, QFormerConfig from an HF Blip2 config.json (HF's defaults are BLIP-2's, as ours)."""
-    from vit import ViTConfig
-    from qformer import QFormerConfig
     path = os.path.join(src, "config.json")
     cfg = {}
     if os.path.isdir(src) and os.path.exists(path):
@@ -586,15 +402,12 @@ def _hf_vision_configs(src):
 
 def convert_eva_vit_g(src, dst, vit_config=None):
     """LAVIS eva_vit_g.pth -> our checkpoint with `vit.*` (default config: the eva_vit_g preset)."""
-    from vit import ViTConfig
     vit_config = vit_config or ViTConfig.preset("eva_vit_g")
     _save_vision(dst, vision_state(read_state_dict(src), "eva_vit_g", vit_config), vit_config, None)
 
 
 def convert_blip2_lavis(src, dst, vit_config=None, qformer_config=None):
     """LAVIS BLIP-2 .pth -> `qformer.*` (+ `vit.*` if the file holds the ViT); default presets."""
-    from vit import ViTConfig
-    from qformer import QFormerConfig
     vit_config = vit_config or ViTConfig.preset("eva_vit_g")
     state = vision_state(read_state_dict(src), "blip2_lavis", vit_config)
     has_vit = any(k.startswith("vit.") for k in state)
@@ -605,23 +418,6 @@ def convert_blip2_hf(src, dst):
     """HF Blip2 checkpoint directory (or weights file, then default shapes) -> `vit.*` + `qformer.*`."""
     vit_config, qformer_config = _hf_vision_configs(src)
     _save_vision(dst, vision_state(read_state_dict(src), "blip2_hf", vit_config), vit_config, qformer_config)
-
-
-def load_vision(model, d):
-    """Load a converted vision checkpoint into `model.vit` and/or `model.qformer` (whichever the
-    checkpoint holds), resizing pos_embed to model.vit's image size. Returns its config dict."""
-    from vit import interpolate_pos_embed
-    state, config = load_checkpoint(d)
-    stray = [k for k in state if k.split(".")[0] not in ("vit", "qformer")]
-    if stray:
-        raise CheckpointError(f"{d}: not a vision checkpoint, unexpected keys: {_few(stray)}")
-    for name in ("vit", "qformer"):
-        part = {k[len(name) + 1:]: t for k, t in state.items() if k.startswith(name + ".")}
-        if name == "vit" and "pos_embed" in part:
-            part["pos_embed"] = interpolate_pos_embed(part["pos_embed"], model.vit.config.grid)
-        if part:
-            load_into(getattr(model, name), part)
-    return config
 
 
 # --- multimodal ---
@@ -642,27 +438,31 @@ def mpp_state(path):
     return out
 
 
+def convert_minigpt4qwen(src, dst):
+    """A MiniGPT4Qwen / MPP-Qwen-Next stage checkpoint -> our keys, for train.py --init_proj and
+    MultimodalLM.from_parts(proj=...)."""
+    state = mpp_state(src)
+    parts = sorted({k.split(".")[0] for k in state})
+    ckpt.save(dst, state, {"minigpt4qwen": os.path.basename(os.fspath(src)), "parts": parts})
+    print(f"{len(state)} tensors ({', '.join(parts)})")
+
+
 def convert_stages(src, dst):
-    """Merge the stage shards of a pipeline run (a directory of stage<s>-of-<p>.safetensors, as
-    train.py --num_stages writes under out_dir/stages) into one checkpoint that chat.py and
-    single-process training load. The model config travels in every shard's metadata."""
-    from safetensors import safe_open
-    from model import MMConfig, MultimodalLM
-    from pipeline import merge_stage_shards
+    """Merge the stage shards of a pipeline save (a directory of stage<s>-of-<p>.safetensors, as
+    train.py --num_stages writes into each step directory) into one checkpoint that chat.py and
+    single-process training load. The model config travels in every shard's metadata; the
+    tokenizer is taken from beside the shards if it is there."""
+    src = ckpt.resolve(src)
     paths = sorted(os.path.join(src, f) for f in os.listdir(src) if re.fullmatch(r"stage\d+-of-\d+\.safetensors", f))
     if not paths:
         raise CheckpointError(f"{src}: no stage<s>-of-<p>.safetensors shards")
-    with safe_open(paths[0], "pt") as f:
-        config = (f.metadata() or {}).get("config")
-    if config is None:
+    state, meta = ckpt.merge_stage_shards(paths)
+    if "config" not in meta:
         raise CheckpointError(f"{paths[0]}: no model config in the shard's metadata")
-    with torch.device("meta"):
-        model = MultimodalLM(MMConfig.from_dict(json.loads(config)))
-    load_into(model, merge_stage_shards(paths)).save(dst)
-    tok_dir = os.path.dirname(os.path.abspath(src))  # train.py keeps the tokenizer in out_dir
-    if os.path.exists(os.path.join(tok_dir, "tokenizer.tiktoken")):
-        from tokenizer import Tokenizer
-        Tokenizer.load(tok_dir).save(dst)
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    model = MultimodalLM.from_state(state, json.loads(meta["config"]), dtype)
+    extra = Tokenizer.load(src).files() if os.path.exists(os.path.join(src, "tokenizer.tiktoken")) else {}
+    model.save(dst, extra=extra)
 
 
 if __name__ == "__main__":  # every convert_<kind>(src, dst) above is a CLI kind

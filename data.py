@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model import IGNORE
+
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's (CLIP's) normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 64_000_000  # ~8000x8000; bigger files are refused before any decoding
@@ -31,6 +33,18 @@ IMAGE_HERE = "<ImageHere>"
 IMAGE_TOKEN = "<|extra_0|>"
 SYSTEM = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
+
+# The chat templates, one per LLM family: the text that closes every answer (supervised, so the
+# model learns to end) and the tokens that end generation. data.py builds prompts and labels from
+# it, train.py's evaluation cuts gold answers with it, chat.py stops on it.
+# ChatML (Qwen v1 and v2): <|im_start|>role\n text <|im_end|>\n per turn.
+# phi (TinyGPT-V / MiniGPT-v2 style): "[INST] question [/INST]" + " answer<|endoftext|>"; TinyGPT-V
+# ends answers with "###", we with Phi-2's own <|endoftext|>, one id to stop on.
+TEMPLATES = {
+    "chatml": dict(end="<|im_end|>\n", stops=("<|im_end|>", "<|im_start|>", "<|endoftext|>")),
+    "phi": dict(end="<|endoftext|>", stops=("<|endoftext|>",)),
+}
+LLM_TEMPLATES = {"qwen": "chatml", "phi": "phi"}  # MMConfig.llm_type -> its template
 
 # --- images -------------------------------------------------------------------------------------
 
@@ -185,7 +199,7 @@ def _encode(tok, turns, num_query_tokens, n_frames=None, template="chatml", syst
 
     def add(part, supervised):
         ids.extend(part)
-        labels.extend(part if supervised else [-100] * len(part))
+        labels.extend(part if supervised else [IGNORE] * len(part))
 
     def content(role, text):
         if role != "user":  # placeholders are only expanded where the data puts images
@@ -197,42 +211,40 @@ def _encode(tok, turns, num_query_tokens, n_frames=None, template="chatml", syst
             out += [image_id] * (num_query_tokens if k else 0) + enc(piece)
         return out
 
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {template!r}")
+    end = tok.encode(TEMPLATES[template]["end"], allowed_special="all")
     turns = [_turn(t) for t in turns]
     if template == "chatml":
         if system is not None and (not turns or turns[0][0] != "system"):
             turns = [("system", system)] + turns
-        start, end, nl = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>"), enc("\n")
+        start, nl = tok.token_id("<|im_start|>"), enc("\n")
         for role, text in turns:
             body = content(role, text)
             add([start], True)  # Qwen's recipe supervises every turn's boundary tokens
             add(enc(role) + nl, False)
             add(body, role == "assistant")
-            add([end] + nl, True)
+            add(end, True)
             media_end = len(ids) if image_id in body else media_end
         if turns and turns[-1][0] == "user":  # a prompt for generation: open the assistant turn
             add([start] + enc("assistant") + nl, False)
-    elif template == "phi":
-        # TinyGPT-V (MiniGPT-v2 style) prompt "[INST] {question} [/INST]" and answer. TinyGPT-V ends
-        # answers with "###"; we end them with Phi-2's own <|endoftext|>, one id to stop on.
-        eos = tok.token_id("<|endoftext|>")
+    else:  # phi
         for role, text in turns:
             if role == "assistant":
-                add(enc(" " + text) + [eos], True)
+                add(enc(" " + text) + end, True)
                 continue
             body = content(role, f"[INST] {text} [/INST]" if role == "user" else text + "\n")
             add(body, False)
             media_end = len(ids) if image_id in body else media_end
-    else:
-        raise ValueError(f"template must be 'chatml' or 'phi', got {template!r}")
     return ids, labels, media_end
 
 
 def encode_conversation(tok, turns, num_query_tokens, n_frames=None, template="chatml", system=SYSTEM):
     """turns: [(role, text)] or [{"role", "content"}], roles system/user/assistant. Returns
-    (input_ids, labels), labels aligned with input_ids (not shifted), -100 where unsupervised.
+    (input_ids, labels), labels aligned with input_ids (not shifted), IGNORE (-100) where unsupervised.
     ChatML mask (Qwen's finetune recipe): every turn keeps <|im_start|> and its closing
-    <|im_end|> \\n; system and user text (role word included) are -100; in assistant turns the
-    role word and its \\n are -100 and the content is kept. `<ImageHere>` in user text becomes
+    <|im_end|> \\n; system and user text (role word included) are IGNORE; in assistant turns the
+    role word and its \\n are IGNORE and the content is kept. `<ImageHere>` in user text becomes
     num_query_tokens image tokens; with n_frames (a video) each `<Img><ImageHere></Img>` first
     becomes `<Img>` + `<ImageHere>` x n_frames + `</Img>`. ChatML: `system` is prepended unless the
     turns start with one (None: no system turn). A conversation ending with a user turn gets the
@@ -262,38 +274,43 @@ def _str_list(x):
     return isinstance(x, list) and len(x) > 0 and all(isinstance(s, str) for s in x)
 
 
+def _llava_turns(conv):
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("'conversations' must be a non-empty list")
+    turns = []
+    for j, t in enumerate(conv):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            raise ValueError(f"conversations[{j}] must be an object with a string 'value'")
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "system": "system"}.get(t.get("from"))
+        if role is None:
+            raise ValueError(f"conversations[{j}]: unknown 'from' {t.get('from')!r}")
+        turns.append((role, t["value"].replace("<image>", IMAGE_PLACEHOLDER).replace("<video>", IMAGE_PLACEHOLDER)))
+    return turns
+
+
+def _minigpt4qwen_turns(row):
+    missing = [k for k in ("instruction", "output") if k not in row]
+    if missing:
+        raise ValueError(f"missing key {missing[0]!r} (need 'instruction' and 'output', "
+                         "or LLaVA 'conversations')")
+    ins, out = row["instruction"], row["output"]
+    if isinstance(ins, str) and isinstance(out, str):
+        ins, out = [ins], [out]
+    elif not (_str_list(ins) and _str_list(out)):
+        raise ValueError("'instruction' and 'output' must both be strings or both be "
+                         "non-empty lists of strings")
+    if len(ins) != len(out):
+        raise ValueError(f"'instruction' has {len(ins)} turns but 'output' has {len(out)}")
+    return [t for pair in zip(ins, out) for t in (("user", pair[0]), ("assistant", pair[1]))]
+
+
 def parse_row(row, image_root):
-    """One JSON row -> dict(turns, media (paths), video (bool), task); ValueError says what is wrong."""
+    """One JSON row (LLaVA `conversations` or MiniGPT4Qwen `instruction`/`output`) -> dict(turns,
+    media (paths), video (bool), task); ValueError says what is wrong."""
     if not isinstance(row, dict):
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
-    if "conversations" in row:  # LLaVA
-        conv = row["conversations"]
-        if not isinstance(conv, list) or not conv:
-            raise ValueError("'conversations' must be a non-empty list")
-        turns = []
-        for j, t in enumerate(conv):
-            if not isinstance(t, dict) or not isinstance(t.get("value"), str):
-                raise ValueError(f"conversations[{j}] must be an object with a string 'value'")
-            role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                    "system": "system"}.get(t.get("from"))
-            if role is None:
-                raise ValueError(f"conversations[{j}]: unknown 'from' {t.get('from')!r}")
-            text = t["value"].replace("<image>", IMAGE_PLACEHOLDER).replace("<video>", IMAGE_PLACEHOLDER)
-            turns.append((role, text))
-    else:  # MiniGPT4Qwen
-        missing = [k for k in ("instruction", "output") if k not in row]
-        if missing:
-            raise ValueError(f"missing key {missing[0]!r} (need 'instruction' and 'output', "
-                             "or LLaVA 'conversations')")
-        ins, out = row["instruction"], row["output"]
-        if isinstance(ins, str) and isinstance(out, str):
-            ins, out = [ins], [out]
-        elif not (_str_list(ins) and _str_list(out)):
-            raise ValueError("'instruction' and 'output' must both be strings or both be "
-                             "non-empty lists of strings")
-        if len(ins) != len(out):
-            raise ValueError(f"'instruction' has {len(ins)} turns but 'output' has {len(out)}")
-        turns = [t for pair in zip(ins, out) for t in (("user", pair[0]), ("assistant", pair[1]))]
+    turns = _llava_turns(row["conversations"]) if "conversations" in row else _minigpt4qwen_turns(row)
     if not any(role == "assistant" for role, _ in turns):
         raise ValueError("no assistant turn: nothing to learn from")
     if "image" in row and "video" in row:
@@ -385,7 +402,7 @@ class VLDataset(torch.utils.data.Dataset):
 
 def collate(samples, pad_id, fixed_len=None):
     """Right-pad a list of items into a batch: dynamic length (the longest sample) by default,
-    or fixed_len for static shapes (the pipeline). Padding: pad_id, label -100, attention 0.
+    or fixed_len for static shapes (the pipeline). Padding: pad_id, label IGNORE, attention 0.
     Images are concatenated sample by sample, each in placeholder order. `task` (a list) is
     passed through when the items have one."""
     lens = [len(s["input_ids"]) for s in samples]
@@ -393,7 +410,7 @@ def collate(samples, pad_id, fixed_len=None):
     if max(lens) > T:
         raise ValueError(f"a sample has {max(lens)} tokens, more than fixed_len={T}")
     input_ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), T), -100, dtype=torch.long)
+    labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), T), dtype=torch.long)
     for b, (s, n) in enumerate(zip(samples, lens)):
         input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s["input_ids"], s["labels"], 1

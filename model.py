@@ -11,20 +11,22 @@ Linears 768 -> 4096 -> d with no activation between them (proj='mlp2').
 
 The pieces are callable separately, which is how pipeline.py slices the model: `embed` (first
 stage: images + token embeddings), `llm.forward_blocks` (any stage), `llm.head` + `loss_sum` (last).
+Generation is the LLM's own decode loop, fed the spliced embeddings. Our checkpoints (ckpt.py) are
+read and written at the bottom of this file: whole models, bare LLMs, and models assembled from
+the converted public parts (convert.py writes those; this file never reads a public layout).
 """
 import os
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+import ckpt
 from phi import Phi, PhiConfig
 from qformer import QFormer, QFormerConfig
-from qwen import Qwen, QwenConfig
-from vit import EVAViT, ViTConfig
+from qwen import IGNORE, Qwen, QwenConfig, loss_sum
+from vit import EVAViT, ViTConfig, interpolate_pos_embed
 
-IGNORE = -100  # label of unsupervised positions (padding, prompts, image tokens)
 LLMS = {"qwen": (QwenConfig, Qwen), "phi": (PhiConfig, Phi)}
 PARTS = ("vit", "qformer", "proj", "llm")
 # The frozen parts of the two public training stages (MPP-Qwen-Next); the queries and ln_vision
@@ -39,19 +41,6 @@ def supervised_count(batch, loss_norm="token"):
     supervised token ('sample'). Sum it over every microbatch and rank of a step, pass it as `count`."""
     sup = batch["labels"][:, 1:] != IGNORE  # the first label is never predicted
     return int(sup.sum()) if loss_norm == "token" else int(sup.any(1).sum())
-
-
-def loss_sum(logits, labels, loss_norm="token"):
-    """Summed loss of one (micro)batch; divided by the step's supervised_count it is the mean.
-    labels are aligned with input_ids (not shifted): position t predicts labels[t + 1].
-    'token': sum of the token cross-entropies (MiniGPT4Qwen). 'sample': sum over samples of each
-    sample's mean token cross-entropy, so long answers do not outweigh short ones."""
-    targets = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                         ignore_index=IGNORE, reduction="none").view(targets.shape)
-    if loss_norm == "token":
-        return ce.sum()
-    return (ce.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)).sum()
 
 
 # ----------------------------------------------------------------------------- image splice
@@ -73,39 +62,6 @@ def splice_images(embeds, input_ids, features, image_token_id):
         raise ValueError(f"row {row} has {int(per_row[row])} image tokens, not a multiple of {q}: "
                          f"an image placeholder was cut (truncation?)")
     return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def apply_repetition_penalty(logits, seen, penalty):
-    """HF's (CTRL's) rule: for every token already in the sequence (seen [B, V] bool), divide a
-    positive logit by `penalty` and multiply a negative one; penalty > 1 discourages repeats."""
-    if penalty == 1.0:
-        return logits
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-
-
-def filter_logits(logits, top_k=None, top_p=None):
-    """Keep the top_k logits of each row [B, V], then the smallest set of most likely tokens whose
-    probability reaches top_p (HF's top-k / top-p warpers); the rest become -inf."""
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # the more likely tokens already reach top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Next token per row from logits [B, V]: argmax when temperature == 0, else sample from the
-    tempered distribution after filter_logits."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 # ----------------------------------------------------------------------------- config and model
@@ -190,11 +146,7 @@ class MultimodalLM(nn.Module):
         self.config = config
         self.vit = EVAViT(config.vit)
         self.qformer = QFormer(config.qformer)
-        d_q, d = config.qformer.hidden, config.llm.n_embd
-        if config.proj == "linear":
-            self.llm_proj = nn.Linear(d_q, d)
-        else:
-            self.llm_proj = nn.Sequential(nn.Linear(d_q, config.proj_hidden), nn.Linear(config.proj_hidden, d))
+        self.llm_proj = self.proj_module(config)
         self.llm = LLMS[config.llm_type][1](config.llm)
         self.set_frozen(config.freeze)
 
@@ -252,97 +204,103 @@ class MultimodalLM(nn.Module):
             count = supervised_count(batch, self.config.loss_norm)
         return logits, loss_sum(logits, batch["labels"], self.config.loss_norm) / max(count, 1)
 
-    @torch.no_grad()
-    def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens=512, temperature=0.0,
-                 top_k=None, top_p=None, repetition_penalty=1.0, stop_ids=(), stream=None, seed=None,
-                 generator=None):
-        """Continue every row of input_ids [B, T], LEFT-padded (attention_mask 0 on the left pads),
-        using the LLM's pre-allocated KV cache. A row ends at its first stop token (not included
-        in the output) or after max_new_tokens. `stream(tokens)` is called after each step that
-        extended a row, with one entry per row: its new token id, or None if it has finished.
-        `seed` makes sampling reproducible (or pass a torch.Generator). Returns B lists of new ids."""
-        B, T = input_ids.shape
-        dev = input_ids.device
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev, torch.long)
-        if (mask[:, 1:] < mask[:, :-1]).any():
-            raise ValueError("generate needs LEFT padding: attention_mask has a 0 after a 1")
-        if seed is not None:
-            generator = torch.Generator(dev).manual_seed(seed)
-        x = self.embed(input_ids, images)
-        cache = self.llm.new_cache(B, T + max_new_tokens, dtype=x.dtype, device=dev)
-        # positions count real tokens only (the LLM's default), so left padding changes nothing;
-        # only the last position's logits are needed
-        logits = self.llm.head(self.llm.hidden(inputs_embeds=x, attention_mask=mask, cache=cache)[:, -1])
-        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=dev)
-        rows, cols = mask.nonzero(as_tuple=True)
-        seen[rows, input_ids[rows, cols]] = True  # the repetition penalty counts the prompt, not pads
-        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        out = [[] for _ in range(B)]
-        for step in range(max_new_tokens):
-            logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
-            tok = sample_next(logits, temperature, top_k, top_p, generator)
-            done = done | torch.isin(tok, stop)
-            new = [None if d else t for t, d in zip(tok.tolist(), done.tolist())]
-            for row, t in zip(out, new):
-                if t is not None:
-                    row.append(t)
-            if stream is not None and any(t is not None for t in new):
-                stream(new)
-            if done.all() or step == max_new_tokens - 1:
-                break
-            seen[torch.arange(B, device=dev), tok] = True
-            mask = torch.cat((mask, mask.new_ones(B, 1)), 1)
-            logits = self.llm.head(self.llm.hidden(tok[:, None], attention_mask=mask, cache=cache)[:, -1])
-        return out
+
+    def generate(self, input_ids, images=None, attention_mask=None, **kw):
+        """Answer prompts about images: the spliced embeddings go through the LLM's one decode
+        loop (qwen.DecoderLM.generate: LEFT padding, sampling options, stop ids, streaming)."""
+        return self.llm.generate(input_ids, self.embed(input_ids, images), attention_mask, **kw)
 
     # ------------------------------------------------------------------------- our checkpoints
 
+    def files(self, **sections):
+        """model.safetensors + config.json {"model": config, **sections}, for ckpt.write_dir."""
+        return ckpt.files(ckpt.state_of(self), {"model": self.config.to_dict(), **sections})
+
     def save(self, d, extra=None, **sections):
-        """Our checkpoint: model.safetensors + config.json {"model": config, **sections}."""
-        from convert import save_checkpoint
-        save_checkpoint(d, self, {"model": self.config.to_dict(), **sections}, extra)
+        ckpt.write_dir(d, {**self.files(**sections), **(extra or {})})
 
     @classmethod
-    def from_checkpoint(cls, d, dtype=None, **overrides):
-        """Build from a directory written by `save`; `overrides` replace config fields (e.g.
-        freeze='sft'). Built on the meta device, so the weights are read (memory-mapped) once."""
-        from convert import load_checkpoint, load_into
-        state, cfg = load_checkpoint(d)
-        if "model" not in cfg:
-            raise ValueError(f"{d}/config.json has no 'model' section: not a nanoMPP multimodal checkpoint")
+    def from_state(cls, state, config, dtype=torch.float32):
+        """Build from a state dict and a config dict (MMConfig.to_dict) on the meta device, so the
+        (memory-mapped) weights are adopted, not copied; every key and shape checked. The model is
+        in `dtype` whatever the file holds: fp32 master weights for training, bf16 to chat."""
         with torch.device("meta"):  # no random init, no memory: load_into puts the real tensors in
-            model = cls(MMConfig.from_dict({**cfg["model"], **overrides}))
-        return load_into(model if dtype is None else model.to(dtype), state)
+            model = cls(MMConfig.from_dict(config)).to(dtype)
+        return ckpt.load_into(model, state, cast=True)
 
     @classmethod
-    def from_parts(cls, vision, llm, proj=None, dtype=None, **overrides):
-        """Assemble converted public pieces: `vision` = one or more convert.py vision directories
-        (eva_vit_g, blip2_lavis, blip2_hf) that together hold vit.* and qformer.*; `llm` = a
-        convert.py qwen1/qwen2/phi directory; `proj` = a MiniGPT4Qwen checkpoint (stage 1
-        `model.pth`: llm_proj.*; stage 2 `unfreeze_llm_model.pth`: also the LLM), else llm_proj
-        starts from random (pretraining).
+    def from_checkpoint(cls, d, dtype=torch.float32, **overrides):
+        """From a directory written by `save` (or a training run's, following `latest`); `overrides`
+        replace config fields (e.g. freeze='sft')."""
+        state, cfg = ckpt.load(d)
+        if "model" not in cfg:
+            raise ckpt.CheckpointError(f"{d}/config.json has no 'model' section: not a nanoMPP multimodal checkpoint")
+        return cls.from_state(state, {**cfg["model"], **overrides}, dtype)
+
+    @classmethod
+    def from_parts(cls, vision, llm, proj=None, dtype=torch.float32, image_size=None, **overrides):
+        """Assemble converted public pieces (convert.py output): `vision` = one or more vision
+        directories (eva_vit_g, blip2_lavis, blip2_hf) that together hold vit.* and qformer.*;
+        `llm` = a qwen1/qwen2/phi directory; `proj` = a converted MiniGPT4Qwen checkpoint (stage 1:
+        llm_proj.*; stage 2: also the fine-tuned LLM as llm.*, which replaces the base LLM), else
+        llm_proj starts from nn.Linear's own init, as LAVIS builds it for pretraining. `image_size`
+        rebuilds the ViT for another input size than it was converted at (pos_embed resized).
         `overrides` set other MMConfig fields (image_token_id, freeze, proj='mlp2', ...)."""
-        from convert import load_checkpoint, load_into, mpp_state
         state, sub = {}, {}
         for d in [vision] if isinstance(vision, (str, os.PathLike)) else vision:
-            part, cfg = load_checkpoint(d)
-            state.update(part)
-            sub.update({k: c(**cfg[k]) for k, c in (("vit", ViTConfig), ("qformer", QFormerConfig)) if k in cfg})
-        part, cfg = load_checkpoint(llm)
+            cfg = ckpt.load_config(d)
+            if "vit" in cfg:
+                sub["vit"] = ViTConfig(**{**cfg["vit"], **({"img_size": image_size} if image_size else {})})
+            if "qformer" in cfg:
+                sub["qformer"] = QFormerConfig(**cfg["qformer"])
+            state.update(vision_state(d, sub["vit"].grid if "vit" in cfg else None))
+        part, cfg = ckpt.load(llm)
         state.update({"llm." + k: t for k, t in part.items()})
         arch = cfg.pop("arch")
         config = MMConfig(**sub, llm=LLMS[arch][0](**cfg), **{"llm_type": arch, **overrides})
-        with torch.device("meta"):
-            model = cls(config)
-        if dtype is not None:
-            model.to(dtype)
-        if proj is None:
-            model.llm_proj.to_empty(device="cpu")
-            for m in model.llm_proj.modules():
-                if isinstance(m, nn.Linear):
-                    m.reset_parameters()  # nn.Linear's own init, as LAVIS builds llm_proj
-            state.update({"llm_proj." + k: t for k, t in model.llm_proj.state_dict().items()})
-        else:  # stage 2's fine-tuned LLM, if present, replaces the base LLM's weights
-            state.update(mpp_state(proj))
-        return load_into(model, state)
+        if proj is not None:
+            part, _ = ckpt.load(proj)
+            stray = [k for k in part if not k.startswith(("llm_proj.", "llm."))]
+            if stray:
+                raise ckpt.CheckpointError(f"{proj}: not a projection checkpoint, unexpected keys: {ckpt.few(stray)}")
+            state.update(part)
+        else:
+            with torch.device("cpu"):
+                fresh = cls.proj_module(config)
+            state.update({"llm_proj." + k: t for k, t in fresh.state_dict().items()})
+        return cls.from_state(state, config.to_dict(), dtype)
+
+    @staticmethod
+    def proj_module(config):
+        d_q, d = config.qformer.hidden, config.llm.n_embd
+        if config.proj == "linear":
+            return nn.Linear(d_q, d)
+        return nn.Sequential(nn.Linear(d_q, config.proj_hidden), nn.Linear(config.proj_hidden, d))
+
+
+def vision_state(d, grid=None):
+    """The vit.* / qformer.* tensors of a converted vision directory, with vit.pos_embed resized to
+    a grid x grid patch grid (LAVIS's bicubic rule) when the model's image size is another."""
+    state, _ = ckpt.load(d)
+    stray = [k for k in state if k.split(".")[0] not in ("vit", "qformer")]
+    if stray:
+        raise ckpt.CheckpointError(f"{d}: not a vision checkpoint, unexpected keys: {ckpt.few(stray)}")
+    if grid is not None and "vit.pos_embed" in state:
+        state["vit.pos_embed"] = interpolate_pos_embed(state["vit.pos_embed"], grid)
+    return state
+
+
+def save_llm(d, llm):
+    """A bare LLM as our checkpoint: config.json is {"arch": 'qwen' | 'phi', **its config}."""
+    arch = next(name for name, (_, c) in LLMS.items() if isinstance(llm, c))
+    ckpt.save(d, ckpt.state_of(llm), {"arch": arch, **asdict(llm.config)})
+
+
+def load_llm(d, dtype=None):
+    """A bare LLM from our checkpoint directory, memory-mapped; dtype defaults to the stored one."""
+    state, cfg = ckpt.load(d)
+    config_cls, llm_cls = LLMS[cfg.pop("arch")]
+    dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
+    with torch.device("meta"):
+        llm = llm_cls(config_cls(**cfg)).to(dtype)
+    return ckpt.load_into(llm, state, cast=True)

@@ -87,12 +87,12 @@ class PhiConfig:
 
     @staticmethod
     def preset(name):
-        if name not in PRESETS:
-            raise ValueError(f"unknown Phi preset {name!r}; choose from {sorted(PRESETS)}")
-        return PhiConfig(**PRESETS[name])
+        if name not in PHI_PRESETS:
+            raise ValueError(f"unknown Phi preset {name!r}; choose from {sorted(PHI_PRESETS)}")
+        return PhiConfig(**PHI_PRESETS[name])
 
 
-PRESETS = {
+PHI_PRESETS = {
     "phi-2": dict(),
     "tinygptv": dict(tinygptv=True),
     "tiny": dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, intermediate_size=256),

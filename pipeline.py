@@ -25,6 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import ckpt
+from model import loss_sum
+
 # ----------------------------------------------------------------------------- the schedule as data
 
 
@@ -140,25 +143,7 @@ def timeline(spans):
         rows.append(f"rank {r} |" + " ".join(cells) + "|")
     return "\n".join(rows)
 
-# ----------------------------------------------------------------------------- devices and groups
-
-BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
-
-
-def pick_device(local_rank=0):
-    """CUDA if present, else an Ascend NPU if torch_npu is installed, else the CPU."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    try:
-        import torch_npu  # noqa: F401  (registers the 'npu' device with torch)
-    except ImportError:
-        return torch.device("cpu")
-    if torch.npu.is_available():
-        torch.npu.set_device(local_rank)
-        return torch.device("npu", local_rank)
-    return torch.device("cpu")
-
+# ----------------------------------------------------------------------------- process groups
 
 def make_groups(num_stages, timeout=60.0, ranks=None):
     """(pp_group, dp_group) of this rank, for global rank = dp_rank * num_stages + stage (positions in
@@ -176,13 +161,6 @@ def make_groups(num_stages, timeout=60.0, ranks=None):
                 mine[name] = group
     return mine["pp"], mine["dp"]
 
-
-def init_distributed(num_stages, timeout=60.0):
-    """From torchrun's environment: pick the device, start the process group with the matching
-    backend (nccl / hccl / gloo), build the groups. Returns (device, pp_group, dp_group)."""
-    device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=timeout))
-    return (device, *make_groups(num_stages, timeout))
 
 # ----------------------------------------------------------------------------- the engine
 
@@ -421,7 +399,6 @@ class PipelineRunner(PipelineEngine):
 
     def __init__(self, model, num_stages, schedule="1f1b", pp_group=None, dp_group=None, first_stage_share=None,
                  device=None, seq_len=512, timeout=60.0):
-        from model import loss_sum
         stage = dist.get_rank(pp_group)
         if dist.get_world_size(pp_group) != num_stages:
             raise ValueError(f"pp_group has {dist.get_world_size(pp_group)} ranks, num_stages is {num_stages}")
@@ -450,65 +427,24 @@ class PipelineRunner(PipelineEngine):
         x = model.llm.forward_blocks(x, model.llm.layers.values(), attention_mask=mb.get("attention_mask"))
         return model.llm.head(x) if self.is_last else x
 
-    def state_dict(self):
-        return self.module.state_dict()
-
-    def load_state_dict(self, state):
-        return self.module.load_state_dict(state)
-
-    def save_shard(self, directory):
-        """Write this stage's weights to <directory>/stage<s>-of-<p>.safetensors (atomically) and return
-        the path. The first replica writes; the others hold the same weights and return None. Readers
-        (merge_stage_shards, other replicas' load_shard) must wait for the writers (a barrier)."""
-        from safetensors.torch import save_file
-        if dist.get_rank(self.dp_group) != 0:
-            return None
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"stage{self.stage}-of-{self.num_stages}.safetensors")
-        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}  # clone: no shared storage
-        meta = {"stage": str(self.stage), "num_stages": str(self.num_stages),
-                "config": json.dumps(self.module.config.to_dict())}  # convert.py stages rebuilds the model from it
-        save_file(state, path + ".tmp", metadata=meta)
-        os.replace(path + ".tmp", path)
-        return path
+    def shard_files(self, step):
+        """{file name: writer} of this stage's weights, for a save of `step` (ckpt.write_files into
+        the save's staging directory). The model config and the step travel in the metadata, so
+        ckpt.merge_stage_shards can rebuild one model and refuse shards of different steps."""
+        state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}  # clone: no shared storage
+        meta = {"stage": str(self.stage), "num_stages": str(self.num_stages), "step": str(step),
+                "config": json.dumps(self.module.config.to_dict())}
+        return {ckpt.stage_shard_name(self.stage, self.num_stages): ckpt.safetensors_writer(state, meta)}
 
     def load_shard(self, directory):
-        """Resume from save_shard's file for this stage (same topology; every key must match)."""
-        from safetensors.torch import load_file
-        path = os.path.join(directory, f"stage{self.stage}-of-{self.num_stages}.safetensors")
+        """Resume from this stage's shard in `directory` (same topology; every key must match).
+        Returns the step recorded in the shard."""
+        path = os.path.join(directory, ckpt.stage_shard_name(self.stage, self.num_stages))
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no shard for stage {self.stage} of {self.num_stages} "
                                     f"(was the checkpoint written with another number of stages?)")
-        self.load_state_dict(load_file(path, device=str(self.device)))
-
-
-def merge_stage_shards(paths):
-    """One state dict (full-model names) from the shards of save_shard, checking that the shards are
-    exactly stages 0..p-1 of one run, that no key appears twice and that the decoder blocks run
-    0..n-1 without a gap. Load the result with convert.load_into for every other key check."""
-    from safetensors import safe_open
-    state, seen, where = {}, {}, {}
-    for path in paths:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            if "stage" not in meta or "num_stages" not in meta:
-                raise ValueError(f"{path}: not a pipeline stage shard (no stage/num_stages metadata)")
-            stage, p = int(meta["stage"]), int(meta["num_stages"])
-            if stage in seen:
-                raise ValueError(f"{path}: stage {stage} already read from {seen[stage][0]}")
-            seen[stage] = (path, p)
-            for key in f.keys():
-                if key in where:
-                    raise ValueError(f"key {key} in both {where[key]} and {path}")
-                where[key], state[key] = path, f.get_tensor(key)
-    counts = {p for _, p in seen.values()}
-    if len(counts) != 1 or sorted(seen) != list(range(counts.pop())):
-        raise ValueError(f"shards must be stages 0..p-1 of one run, got " +
-                         ", ".join(f"{path}: stage {s} of {p}" for s, (path, p) in sorted(seen.items())))
-    layers = {int(k.split(".")[2]) for k in state if k.startswith("llm.layers.")}
-    if layers != set(range(len(layers))):
-        raise ValueError(f"decoder blocks {sorted(layers)} have a gap")
-    return state
+        ckpt.load_into(self.module, ckpt.read_file(path))
+        return int(ckpt.read_metadata(path).get("step", -1))
 
 # ----------------------------------------------------------------------------- command line
 

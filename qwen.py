@@ -127,16 +127,100 @@ def attend(q, k, v, ctx, layer):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
+# ----------------------------------------------------------------------------- loss and sampling
+
+IGNORE = -100  # label of unsupervised positions (padding, prompts, image tokens)
+
+
+def loss_sum(logits, labels, loss_norm="token"):
+    """Summed loss of one (micro)batch; divide by the step's count of supervised tokens (or samples)
+    to get the mean. labels are aligned with the inputs (not shifted): position t predicts
+    labels[t + 1]. 'token': sum of the token cross-entropies (MiniGPT4Qwen). 'sample': sum over
+    samples of each sample's mean token cross-entropy, so long answers do not outweigh short ones."""
+    targets = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                         ignore_index=IGNORE, reduction="none").view(targets.shape)
+    if loss_norm == "token":
+        return ce.sum()
+    return (ce.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)).sum()
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """HF's (CTRL's) rule: for every token already in the sequence (seen [B, V] bool), divide a
+    positive logit by `penalty` and multiply a negative one; penalty > 1 discourages repeats."""
+    if penalty == 1.0:
+        return logits
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k logits of each row [B, V], then the smallest set of most likely tokens whose
+    probability reaches top_p (HF's top-k / top-p warpers); the rest become -inf."""
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the more likely tokens already reach top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token per row from logits [B, V]: argmax when temperature == 0, else sample from the
+    tempered distribution after filter_logits."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+# ----------------------------------------------------------------------------- the decoder top
+
 
 class DecoderLM(nn.Module):
     """The top of a decoder-only LM, shared by Qwen and Phi. Subclasses build `embed_tokens`,
     `layers`, `norm`, `lm_head`, `rotary`, and set `ntk_len` (Qwen v1's seq_length) or None."""
+
+    grad_checkpointing = False  # recompute each block in backward to save activation memory
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    def _ntk(self, x, position_ids, attention_mask, cache, start, L):
+        """Qwen v1 at inference beyond seq_length: the dynamic-NTK factors per row (fixed at prefill
+        and kept in the cache) and the log-n query scale; (None, None) otherwise."""
+        if self.ntk_len is None or self.training:
+            return None, None
+        if cache is not None and start > 0:
+            alpha = cache.ntk_alpha
+        else:
+            lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else [L] * x.shape[0]
+            alpha = [ntk_alpha(n, self.ntk_len) for n in lengths] if max(lengths) > self.ntk_len else None
+            if cache is not None:
+                cache.ntk_alpha = alpha
+        logn = None
+        if (L if position_ids is None else int(position_ids.max()) + 1) > self.ntk_len:
+            n = (torch.arange(start, L, device=x.device)[None] if position_ids is None else position_ids).double() + 1
+            logn = torch.where(n > self.ntk_len, n.log() / math.log(self.ntk_len), 1.0)
+            logn = logn.to(x.dtype)[:, None, :, None]
+        return alpha, logn
+
+    @staticmethod
+    def _mask(attention_mask, T, start, L, device):
+        """Boolean attention mask [B, 1, T, L], or None for the plain causal case."""
+        if attention_mask is None and (T == 1 or start == 0):
+            return None
+        q_idx = torch.arange(start, L, device=device)[:, None]
+        k_idx = torch.arange(L, device=device)
+        mask = (k_idx <= q_idx)[None, None]
+        if attention_mask is not None:
+            # a padded query attends to itself only, so no row is empty (sdpa would give NaN)
+            mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_idx == q_idx)
+        return mask
 
     def _ctx(self, x, position_ids, attention_mask, cache):
         B, T, _ = x.shape
@@ -149,20 +233,7 @@ class DecoderLM(nn.Module):
                 attention_mask = None  # nothing padded: take the fast causal path
         if position_ids is None and attention_mask is not None:  # left padding: count real tokens
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        alpha, logn = None, None
-        if self.ntk_len is not None and not self.training:
-            if cache is not None and start > 0:
-                alpha = cache.ntk_alpha
-            else:
-                lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else [L] * B
-                if max(lengths) > self.ntk_len:
-                    alpha = [ntk_alpha(n, self.ntk_len) for n in lengths]
-                if cache is not None:
-                    cache.ntk_alpha = alpha
-            if (L if position_ids is None else int(position_ids.max()) + 1) > self.ntk_len:
-                n = (torch.arange(start, L, device=x.device)[None] if position_ids is None else position_ids).double() + 1
-                logn = torch.where(n > self.ntk_len, n.log() / math.log(self.ntk_len), 1.0)
-                logn = logn.to(x.dtype)[:, None, :, None]
+        alpha, logn = self._ntk(x, position_ids, attention_mask, cache, start, L)
         if position_ids is None and alpha is None:  # positions start..L-1 in every row: a table slice
             cos, sin = self.rotary.table(L, x.device, x.dtype)
             cos, sin = cos[start:L], sin[start:L]
@@ -170,17 +241,7 @@ class DecoderLM(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(start, L, device=x.device).expand(B, T)
             cos, sin = self.rotary(position_ids, x.dtype, alpha)
-        mask = None
-        if attention_mask is not None or (T > 1 and start > 0):
-            q_idx = torch.arange(start, L, device=x.device)[:, None]
-            k_idx = torch.arange(L, device=x.device)
-            mask = (k_idx <= q_idx)[None, None]
-            if attention_mask is not None:
-                # a padded query attends to itself only, so no row is empty (sdpa would give NaN)
-                mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_idx == q_idx)
-        return Ctx(cos, sin, mask, logn, cache)
-
-    grad_checkpointing = False  # recompute each block in backward to save activation memory
+        return Ctx(cos, sin, self._mask(attention_mask, T, start, L, x.device), logn, cache)
 
     def forward_blocks(self, x, blocks, position_ids=None, attention_mask=None):
         """Run `blocks` (any slice of self.layers) on hidden states x [B, T, C], without cache."""
@@ -206,14 +267,13 @@ class DecoderLM(nn.Module):
         cache.len += x.shape[1]
         return x
 
-    def forward(self, idx=None, inputs_embeds=None, targets=None, position_ids=None, attention_mask=None,
-                cache=None):
-        """-> (logits [B, T, V], loss). targets are already shifted; -100 is ignored."""
+    def forward(self, idx=None, labels=None, inputs_embeds=None, position_ids=None, attention_mask=None, cache=None):
+        """-> (logits [B, T, V], mean loss over supervised tokens). labels are aligned with idx, as
+        everywhere in nanoMPP: position t predicts labels[t + 1]; IGNORE positions are skipped."""
         logits = self.head(self.hidden(idx, inputs_embeds, position_ids, attention_mask, cache))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        if labels is None:
+            return logits, None
+        return logits, loss_sum(logits, labels) / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
 
     def new_cache(self, batch_size, max_len, dtype=None, device=None):
         attn = self.layers[0].self_attn
@@ -222,27 +282,50 @@ class DecoderLM(nn.Module):
                        dtype or p.dtype, device or p.device)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, attention_mask=None, eos_id=None):
-        """Greedy decoding with the KV cache; idx [B, T] (left-padded if attention_mask given).
-        Returns the new tokens [B, <=max_new_tokens]; stops early once every row produced eos_id."""
-        B, T = idx.shape
-        cache = self.new_cache(B, T + max_new_tokens)
-        mask = None
-        if attention_mask is not None:
-            mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
-            mask[:, :T] = attention_mask
-        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=idx.device)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        x = idx
-        for i in range(max_new_tokens):
-            m = None if mask is None else mask[:, :cache.len + x.shape[1]]
-            h = self.hidden(x, attention_mask=m, cache=cache)
-            x = self.head(h[:, -1:]).argmax(-1)  # only the last position's logits are needed
-            out[:, i] = x[:, 0]
-            if eos_id is not None:
-                done |= x[:, 0] == eos_id
-                if bool(done.all()):
-                    return out[:, :i + 1]
+    def generate(self, input_ids, inputs_embeds=None, attention_mask=None, max_new_tokens=512, temperature=0.0,
+                 top_k=None, top_p=None, repetition_penalty=1.0, stop_ids=(), stream=None, seed=None,
+                 generator=None):
+        """The one decode loop (model.py's MultimodalLM.generate passes its spliced embeddings).
+
+        Continues every row of input_ids [B, T], LEFT-padded (attention_mask 0 on the left pads),
+        with the pre-allocated KV cache; inputs_embeds [B, T, C] replaces the token embeddings of
+        the prompt. A row ends at its first stop token (not included in the output) or after
+        max_new_tokens. `stream(tokens)` is called after each step that extended a row, one entry
+        per row: its new token id, or None if it has finished. `seed` makes sampling reproducible
+        (or pass a torch.Generator). Returns B lists of new token ids."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev, torch.long)
+        if (mask[:, 1:] < mask[:, :-1]).any():
+            raise ValueError("generate needs LEFT padding: attention_mask has a 0 after a 1")
+        if seed is not None:
+            generator = torch.Generator(dev).manual_seed(seed)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cache = self.new_cache(B, T + max_new_tokens, dtype=x.dtype, device=dev)
+        # positions count real tokens only, so left padding changes nothing; only the last
+        # position's logits are needed
+        logits = self.head(self.hidden(inputs_embeds=x, attention_mask=mask, cache=cache)[:, -1])
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=dev)
+        rows, cols = mask.nonzero(as_tuple=True)
+        seen[rows, input_ids[rows, cols]] = True  # the repetition penalty counts the prompt, not pads
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = [[] for _ in range(B)]
+        for step in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+            tok = sample_next(logits, temperature, top_k, top_p, generator)
+            done = done | torch.isin(tok, stop)
+            new = [None if d else t for t, d in zip(tok.tolist(), done.tolist())]
+            for row, t in zip(out, new):
+                if t is not None:
+                    row.append(t)
+            if stream is not None and any(t is not None for t in new):
+                stream(new)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            seen[torch.arange(B, device=dev), tok] = True
+            mask = torch.cat((mask, mask.new_ones(B, 1)), 1)
+            logits = self.head(self.hidden(tok[:, None], attention_mask=mask, cache=cache)[:, -1])
         return out
 
 
@@ -312,13 +395,13 @@ class QwenConfig:
 
     @staticmethod
     def preset(name):
-        if name not in PRESETS:
-            raise ValueError(f"unknown Qwen preset {name!r}; choose from {sorted(PRESETS)}")
-        return QwenConfig(**PRESETS[name])
+        if name not in QWEN_PRESETS:
+            raise ValueError(f"unknown Qwen preset {name!r}; choose from {sorted(QWEN_PRESETS)}")
+        return QwenConfig(**QWEN_PRESETS[name])
 
 
 _QWEN1 = dict(rope_theta=10000.0, tie_embeddings=False, version="qwen1")
-PRESETS = {
+QWEN_PRESETS = {
     "qwen7b_chat": dict(_QWEN1, vocab_size=151936, n_layer=32, n_head=32, n_kv_head=32, n_embd=4096,
                         intermediate_size=11008, max_seq_len=8192),
     "qwen14b_chat": dict(_QWEN1, vocab_size=152064, n_layer=40, n_head=40, n_kv_head=40, n_embd=5120,

@@ -25,18 +25,13 @@ from pathlib import Path
 
 import tiktoken
 
+import ckpt
+
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
 NORMALIZATIONS = (None, "NFC", "NFD", "NFKC", "NFKD")
-
-
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _read_json(path):
@@ -174,18 +169,24 @@ class Tokenizer:
         return cls(ranks, specials, QWEN_PATTERN, "NFC")
 
     # --- our checkpoint format -----------------------------------------------------------------
-    def save(self, folder):
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def files(self):
+        """{file name: text} of our format, to save beside a model (ckpt.write_files)."""
         lines = [f"{base64.b64encode(b).decode()} {i}\n"
                  for b, i in sorted(self._ranks.items(), key=lambda kv: kv[1])]
-        _write_atomic(folder / "tokenizer.tiktoken", "".join(lines))
         cfg = dict(pattern=self.pattern, normalization=self.normalization,
                    special_tokens=self.special_tokens, added_tokens=self.added_tokens)
-        _write_atomic(folder / "tokenizer_config.json", json.dumps(cfg, indent=1, ensure_ascii=False))
+        return {"tokenizer.tiktoken": "".join(lines),
+                "tokenizer_config.json": json.dumps(cfg, indent=1, ensure_ascii=False)}
+
+    def save(self, folder):
+        """Write files() into `folder`, each file atomically."""
+        os.makedirs(folder, exist_ok=True)
+        for name, text in self.files().items():
+            ckpt.atomic_write(os.path.join(folder, name), text)
 
     @classmethod
     def load(cls, folder):
+        folder = ckpt.resolve(folder)  # a training run's directory: its latest step
         cfg_path = Path(folder) / "tokenizer_config.json"
         cfg = _read_json(cfg_path)
         keys = {"pattern", "normalization", "special_tokens", "added_tokens"}

@@ -16,8 +16,16 @@ writes a checkpoint to out/toy/ where `python chat.py` finds it.
 Loss normalisation: the step's loss is sum(per-token or per-sample losses) / count, where count is
 the number of supervised tokens (or samples) of the whole step, all microbatches and all ranks,
 computed before any forward. So accumulation, DDP and the pipeline give the single-batch gradients.
+
+Checkpoints (ckpt.py): every save is a new out_dir/step-NNNNNN directory that out_dir/latest points
+to once it is complete, so a crash at any instant leaves the previous step whole; --resume refuses
+a step directory whose files belong to different steps.
+
+At about 600 lines this is longer than nanoGPT's train.py because it is the one script for every
+run: the toy's from-scratch init and curriculum, the public presets, DDP and pipeline stages,
+held-out exact-match evaluation, and saves that survive a crash. Read it top to bottom: config,
+model and data, evaluation, checkpoints, the step, train().
 """
-import io
 import json
 import math
 import os
@@ -30,8 +38,11 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.distributed as dist
 
-from data import IMAGE_TOKEN, VLDataset, collate
-from model import MMConfig, MultimodalLM, supervised_count
+import ckpt
+import runtime
+from data import IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, VLDataset, collate
+from model import IGNORE, MMConfig, MultimodalLM, supervised_count
+from pipeline import PipelineRunner, make_groups
 from qformer import QFormerConfig
 from qwen import QwenConfig
 from tokenizer import Tokenizer
@@ -94,12 +105,12 @@ class Config:
                                  # run best on one thread per process: use torchrun for more cores
 
 
-# The public recipes (REFERENCE.md): the ViT, Q-Former and queries stay frozen; bf16; AdamW
-# betas (0.9, 0.99), eps 1e-7, clip 1.0; paths are what convert.py was told to write.
+# The public recipes (MPP-Qwen-Next's configs; docs/reference.md): the ViT, Q-Former and queries stay
+# frozen; bf16; AdamW betas (0.9, 0.99), eps 1e-7, clip 1.0; paths are what convert.py was told to write.
 _BLIP2 = dict(init_vision="checkpoints/eva_vit_g,checkpoints/blip2", image_size=224, num_query=32, max_frames=32,
               augment=True, loss_norm="token", eps=1e-7, dtype="bf16", min_lr=0.0, image_root="data/images",
               eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="")
-PRESETS = {
+TRAIN_PRESETS = {
     "toy": dict(),
     "toy-long": dict(max_iters=15000, n_train=30000, eval_every=2500, ckpt_every=2500),
     # MPP-Qwen-Next stage 1: only llm_proj learns, lr 1e-3, warmup 3%, global batch 256 (8 GPUs x 8 x 4)
@@ -146,9 +157,9 @@ def parse_args(argv):
             raise ConfigError(f"--{key} needs a value: --{key}=...")
         pairs.append((key, text if eq else "true"))
     preset = dict(pairs).get("preset", "toy")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    cfg = Config(**PRESETS[preset], preset=preset)
+    if preset not in TRAIN_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(TRAIN_PRESETS)}")
+    cfg = Config(**TRAIN_PRESETS[preset], preset=preset)
     for key, text in pairs:
         setattr(cfg, key, parse_value(key, text, getattr(defaults, key)))
     cfg.out_dir = cfg.out_dir or os.path.join("out", preset)
@@ -204,7 +215,7 @@ def build(cfg, words):
         tok = Tokenizer.load(cfg.tokenizer)
         preset = MMConfig.preset(cfg.model)
         model = MultimodalLM.from_parts(cfg.init_vision.split(","), cfg.init_llm, cfg.init_proj or None,
-                                        llm_type=preset.llm_type, proj=preset.proj, proj_hidden=preset.proj_hidden,
+                                        image_size=cfg.image_size, llm_type=preset.llm_type, proj=preset.proj, proj_hidden=preset.proj_hidden,
                                         image_token_id=tok.token_id(IMAGE_TOKEN), **overrides)
     if cfg.grad_checkpointing:
         model.vit.grad_checkpointing = model.llm.grad_checkpointing = True
@@ -230,7 +241,9 @@ class Cached(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def datasets(cfg, tok, nq):
+def datasets(cfg, tok=None, config=None):
+    """The toy corpus' words (tok None), else (train, held-out or None, chance levels or None) for
+    the model `config`: its num_query and its LLM family's chat template."""
     words, chance = [], None
     if cfg.data == "synthetic":
         from synthetic import make_synthetic
@@ -238,11 +251,10 @@ def datasets(cfg, tok, nq):
         train_json, val_json, root, words = d["train"], d["val"], d["image_root"], d["words"]
     else:
         train_json, val_json, root = cfg.data, cfg.val_data, cfg.image_root
-    phi = cfg.model != "toy" and MMConfig.preset(cfg.model).llm_type == "phi"  # chat.py picks the same template
-    make = lambda path, train: VLDataset(path, root, tok, nq, cfg.image_size, cfg.max_len, train=train,
-                                         max_frames=cfg.max_frames, template="phi" if phi else "chatml")
     if tok is None:
         return words
+    make = lambda path, train: VLDataset(path, root, tok, config.qformer.num_query, cfg.image_size, cfg.max_len,
+                                         train=train, max_frames=cfg.max_frames, template=LLM_TEMPLATES[config.llm_type])
     train = make(train_json, cfg.augment)
     val = Cached(make(val_json, False)) if val_json else None
     if val_json:
@@ -289,22 +301,26 @@ def lr_at(cfg, step):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def answer_split(item):
+def answer_split(item, end_len):
     """(prompt ids, gold answer ids) of an item: the last assistant answer is the final run of
-    supervised labels, i.e. answer + <|im_end|> + '\\n'; the prompt is everything before it."""
-    sup = (item["labels"] != -100).tolist()
+    supervised labels, i.e. the answer and its template's `end_len` closing tokens; the prompt
+    is everything before it."""
+    sup = (item["labels"] != IGNORE).tolist()
     end = len(sup) - sup[::-1].index(True)
     start = end
     while start > 0 and sup[start - 1]:
         start -= 1
-    return item["input_ids"][:start], item["input_ids"][start:end - 2].tolist()
+    return item["input_ids"][:start], item["input_ids"][start:end - end_len].tolist()
 
 
 @torch.no_grad()
 def evaluate(model, ds, tok, cfg, ctx, batch_size=100):
-    """Held-out loss and greedy exact-match accuracy of the final answer, per task."""
+    """Held-out loss and greedy exact-match accuracy of the final answer, per task; answers are
+    cut and generation stopped by the model's chat template (data.TEMPLATES)."""
     model.eval()
-    stop = [tok.token_id("<|im_end|>"), tok.token_id("<|im_start|>")]
+    template = TEMPLATES[LLM_TEMPLATES[model.config.llm_type]]
+    end_len = len(tok.encode(template["end"], allowed_special="all"))
+    stop = [tok.token_id(t) for t in template["stops"]]
     pad = tok.token_id("<|endoftext|>")
     hits, loss, count = {}, 0.0, 0
     for lo in range(0, min(len(ds), cfg.eval_samples), batch_size):
@@ -313,7 +329,7 @@ def evaluate(model, ds, tok, cfg, ctx, batch_size=100):
         with ctx:
             loss += model(batch, count=1)[1].item()  # count=1: the summed loss
         count += supervised_count(batch, cfg.loss_norm)
-        prompts, golds = zip(*map(answer_split, items))
+        prompts, golds = zip(*(answer_split(item, end_len) for item in items))
         T = max(len(p) for p in prompts)
         ids = torch.full((len(items), T), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -358,44 +374,55 @@ def plot_losses(path, train, val):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _train_state(opt, step):
+    return lambda path: torch.save({"step": step, **({"optimizer": opt.state_dict()} if opt else {})}, path)
+
+
 def save(cfg, model, tok, opt, step, runner=None):
-    """Weights (our format, chat.py loads it) + optimizer + step (the data position), each file
-    written atomically; train_state.pt goes last and names the step the weights belong to."""
-    buf = io.BytesIO()
-    torch.save({"optimizer": opt.state_dict(), "step": step}, buf)
-    if runner is not None:  # every stage writes its shard and optimizer; rank 0 merges the weights
-        from convert import load_into
-        from pipeline import merge_stage_shards
-        runner.save_shard(os.path.join(cfg.out_dir, "stages"))
-        if dist.get_rank(runner.dp_group) == 0:
-            with open(os.path.join(cfg.out_dir, "stages", f"train_state{runner.stage}.pt.tmp"), "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(f.name, f.name[:-4])
-        dist.barrier()
-        if dist.get_rank() != 0:
-            return
-        paths = [os.path.join(cfg.out_dir, "stages", f"stage{s}-of-{cfg.num_stages}.safetensors") for s in range(cfg.num_stages)]
-        with torch.device("meta"):
-            model = MultimodalLM(MMConfig.from_dict(runner.config_dict))
-        model = load_into(model, merge_stage_shards(paths))
-        buf = io.BytesIO()
-        torch.save({"step": step}, buf)
-    tok.save(cfg.out_dir)
-    model.save(cfg.out_dir, extra={"train_state.pt": buf.getvalue()}, train={**asdict(cfg), "step": step})
+    """Save `step` as one unit (ckpt.py): every file goes into a staging directory, which becomes
+    out_dir/step-NNNNNN, and only then does out_dir/latest move to it and the previous step go.
+    Files: the weights in our format (chat.py loads out_dir), the tokenizer, config.json with this
+    run's config and step, train_state.pt (optimizer + step, the data position). A pipeline run
+    also has each stage's shard and optimizer (train_state<s>.pt); rank 0 merges the shards."""
+    d = ckpt.step_dir(cfg.out_dir, step)
+    rank0 = runner is None or dist.get_rank() == 0
+    tmp = ckpt.begin(d) if rank0 else ckpt.staging(d)
+    if runner is not None:
+        dist.barrier()  # the staging directory exists
+        if dist.get_rank(runner.dp_group) == 0:  # the first replica writes each stage
+            ckpt.write_files(tmp, {**runner.shard_files(step), f"train_state{runner.stage}.pt": _train_state(opt, step)})
+        dist.barrier()  # every shard is on disk
+        if rank0:
+            paths = [os.path.join(tmp, ckpt.stage_shard_name(s, cfg.num_stages)) for s in range(cfg.num_stages)]
+            state, meta = ckpt.merge_stage_shards(paths)
+            model, opt = MultimodalLM.from_state(state, json.loads(meta["config"])), None
+    if rank0:
+        files = {**model.files(train={**asdict(cfg), "step": step}), **tok.files(), "train_state.pt": _train_state(opt, step)}
+        ckpt.write_files(tmp, files)
+        ckpt.commit(tmp, d)
+        ckpt.set_latest(cfg.out_dir, d)
+    if runner is not None:
+        dist.barrier()  # nobody reads the checkpoint before it is complete
 
 
-def load_train_state(cfg, stage=None):
-    name = "train_state.pt" if stage is None else os.path.join("stages", f"train_state{stage}.pt")
-    path = os.path.join(cfg.out_dir, name)
+def resume(cfg, model, opt, runner=None):
+    """Load out_dir's latest checkpoint into model (or this pipeline stage) and opt; returns its
+    step. Refuses, naming them, files that belong to different steps."""
+    d = ckpt.resolve(cfg.out_dir)
+    path = os.path.join(d, "train_state.pt" if runner is None else f"train_state{runner.stage}.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: {path} not found (no checkpoint in {cfg.out_dir})")
     state = torch.load(path, weights_only=True)
-    with open(os.path.join(cfg.out_dir, "config.json")) as f:
-        saved = json.load(f)["train"]["step"]
-    if saved != state["step"]:
-        raise ValueError(f"--resume: {cfg.out_dir} is inconsistent (weights at step {saved}, "
-                         f"optimizer at step {state['step']})")
-    return state
+    steps = {path: state["step"], os.path.join(d, "config.json"): ckpt.load_config(d)["train"]["step"]}
+    if runner is None:
+        ckpt.load_into(model, ckpt.load(d)[0])
+    else:
+        steps[os.path.join(d, ckpt.stage_shard_name(runner.stage, runner.num_stages))] = runner.load_shard(d)
+    if len(set(steps.values())) != 1:
+        raise ckpt.CheckpointError(f"--resume: the files of {d} belong to different steps: "
+                                   + ", ".join(f"{p} step {s}" for p, s in steps.items()))
+    opt.load_state_dict(state["optimizer"])
+    return state["step"]
 
 # ----------------------------------------------------------------------------- training
 
@@ -445,23 +472,54 @@ class Interrupt:
         self.hit = True
 
 
-def train(cfg):
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    runner = pp_group = None
+def setup(cfg):
+    """(device, distributed, pp_group, dp_group) of this process: runtime.setup's device and
+    default group, cut into pipeline and data-parallel groups when num_stages > 1."""
+    if cfg.num_stages > 1 and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise ValueError(f"--num_stages={cfg.num_stages} needs torchrun with a multiple of {cfg.num_stages} processes")
+    device, distributed = runtime.setup()
+    pp_group = dp_group = None
     if cfg.num_stages > 1:
-        if not ddp:
-            raise ValueError(f"--num_stages={cfg.num_stages} needs torchrun with a multiple of {cfg.num_stages} processes")
-        from pipeline import init_distributed
-        device, pp_group, dp_group = init_distributed(cfg.num_stages)
-    elif ddp:
-        from pipeline import pick_device, BACKENDS
-        device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(BACKENDS[device.type])
+        pp_group, dp_group = make_groups(cfg.num_stages)
+    elif distributed:
         dp_group = dist.group.WORLD
-    else:
-        device, dp_group = torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
-    rank = dist.get_rank() if ddp else 0
-    dp_rank, dp_size = (dist.get_rank(dp_group), dist.get_world_size(dp_group)) if ddp else (0, 1)
+    return device, distributed, pp_group, dp_group
+
+
+def optimizer(cfg, module):
+    """AdamW over the trainable parameters; vit + qformer get lr x vision_lr_scale."""
+    vision = [p for n, p in module.named_parameters() if p.requires_grad and n.startswith(("vit.", "qformer."))]
+    rest = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith(("vit.", "qformer."))]
+    groups = [dict(params=vision, scale=cfg.vision_lr_scale), dict(params=rest, scale=1.0)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+class Log:
+    """metrics.jsonl, the progress bar and the loss curve; everything is a no-op off rank 0."""
+
+    def __init__(self, cfg, step, master):
+        from tqdm import tqdm
+        self.master, self.curve, self.val_curve = master, [], []
+        self.file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+        self.bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
+
+    def write(self, record):
+        if self.master:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self, out_dir):
+        self.bar.close()
+        if self.master:
+            plot_losses(os.path.join(out_dir, "loss.png"), self.curve, self.val_curve)
+            self.file.close()
+
+
+def train(cfg):
+    device, distributed, pp_group, dp_group = setup(cfg)
+    rank = dist.get_rank() if distributed else 0
+    dp_rank, dp_size = (dist.get_rank(dp_group), dist.get_world_size(dp_group)) if distributed else (0, 1)
     master = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -469,35 +527,17 @@ def train(cfg):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()  # the one autocast
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model, tok = build(cfg, datasets(cfg, None, 0) if cfg.model == "toy" and not cfg.tokenizer else [])
+    model, tok = build(cfg, datasets(cfg) if cfg.model == "toy" and not cfg.tokenizer else [])
     model.to(device)
-    train_ds, val_ds, chance = datasets(cfg, tok, model.config.qformer.num_query)
-    pad = tok.token_id("<|endoftext|>")
-    if cfg.num_stages > 1:
-        from pipeline import PipelineRunner
-        config_dict = model.config.to_dict()
+    train_ds, val_ds, chance = datasets(cfg, tok, model.config)
+    runner = None
+    if cfg.num_stages > 1:  # slices the model in place: this rank keeps its stage
         runner = PipelineRunner(model, cfg.num_stages, cfg.schedule, pp_group, dp_group, device=device, seq_len=cfg.max_len)
-        runner.config_dict = config_dict
-        module = runner.module
-    else:
-        module = model
-    vision = [p for n, p in module.named_parameters() if p.requires_grad and n.startswith(("vit.", "qformer."))]
-    rest = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith(("vit.", "qformer."))]
-    groups = [dict(params=vision, scale=cfg.vision_lr_scale), dict(params=rest, scale=1.0)]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            eps=cfg.eps, weight_decay=cfg.weight_decay)
-    step = 0
-    if cfg.resume:
-        state = load_train_state(cfg, runner.stage if runner else None)
-        if runner:
-            runner.load_shard(os.path.join(cfg.out_dir, "stages"))
-        else:
-            from convert import load_checkpoint, load_into
-            load_into(model, load_checkpoint(cfg.out_dir)[0])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+    module = model if runner is None else runner.module
+    opt = optimizer(cfg, module)
+    step = resume(cfg, model, opt, runner) if cfg.resume else 0
     net = model
-    if ddp and runner is None:
+    if distributed and runner is None:
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model)
 
@@ -507,29 +547,19 @@ def train(cfg):
         print(f"{cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(train_ds)} train / "
               f"{len(val_ds) if val_ds else 0} held-out samples, {dp_size} data-parallel x {cfg.num_stages} "
               f"stage(s), {'bf16' if bf16 else 'fp32'} on {device.type}, out_dir {cfg.out_dir}")
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
-    curve, val_curve, good_step = [], [], step
-    stop = Interrupt()
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
-    batches = step_batches(cfg, train_ds, pad, dp_rank, dp_size, step)
+    log, stop, good_step, acc = Log(cfg, step, master), Interrupt(), step, {}
+    batches = step_batches(cfg, train_ds, tok.token_id("<|endoftext|>"), dp_rank, dp_size, step)
     t0, c0, tokens = time.time(), time.process_time(), 0
-    acc = {}
-
-    def log(record):
-        if master:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
 
     def run_eval():
         if not (master and val_ds) or (runner and good_step != step):
             return acc  # a pipeline run evaluates the merged checkpoint, so only right after a save
         eval_model = model if runner is None else MultimodalLM.from_checkpoint(cfg.out_dir).to(device)
         val_loss, new = evaluate(eval_model, val_ds, tok, cfg, ctx)
-        val_curve.append((step, val_loss))
-        log(dict(step=step, val_loss=val_loss, accuracy=new))
-        bar.write(f"step {step}: held-out loss {val_loss:.4f}, exact match " +
-                  ", ".join(f"{t} {a:.0%}" for t, a in new.items()))
+        log.val_curve.append((step, val_loss))
+        log.write(dict(step=step, val_loss=val_loss, accuracy=new))
+        log.bar.write(f"step {step}: held-out loss {val_loss:.4f}, exact match " +
+                      ", ".join(f"{t} {a:.0%}" for t, a in new.items()))
         return new
 
     try:
@@ -537,12 +567,12 @@ def train(cfg):
             micro = next(batches)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step) * g["scale"]
-            count = step_count(micro, cfg.loss_norm, dp_group if ddp else None)
+            count = step_count(micro, cfg.loss_norm, dp_group)
             if runner:
                 loss = runner.step(micro, count)
                 norm = runner.clip_grad_norm_(cfg.grad_clip)
             else:
-                loss = forward_backward(net, micro, count, ctx, device, dp_group if ddp else None)
+                loss = forward_backward(net, micro, count, ctx, device, dp_group)
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step}: loss is {loss}; stopping without saving. The last good "
@@ -551,32 +581,31 @@ def train(cfg):
             opt.zero_grad(set_to_none=True)
             step += 1
             tokens += sum(int(mb["attention_mask"].sum()) for mb in micro) * dp_size
-            curve.append((step, loss))
+            log.curve.append((step, loss))
             if step % cfg.log_every == 0 or step == cfg.max_iters:
                 tps = tokens / (time.time() - t0)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
-                log(dict(step=step, loss=loss, lr=lr_at(cfg, step - 1), grad_norm=float(norm) if norm is not None else None,
-                         tokens_per_s=tps, time=time.time() - t0, cpu_time=time.process_time() - c0))
-            bar.update(1)
+                log.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+                log.write(dict(step=step, loss=loss, lr=lr_at(cfg, step - 1), grad_norm=float(norm) if norm is not None else None,
+                               tokens_per_s=tps, time=time.time() - t0, cpu_time=time.process_time() - c0))
+            log.bar.update(1)
             if stop.hit or step == cfg.max_iters or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
-                save(cfg, model, tok, opt, step, runner) if (master or runner) else None
+                if master or runner:
+                    save(cfg, model, tok, opt, step, runner)
                 good_step = step
             if val_ds and (step == cfg.max_iters or (cfg.eval_every and step % cfg.eval_every == 0)):
                 acc = run_eval()
     finally:
         stop.close()
-        bar.close()
+        log.close(cfg.out_dir)
     if master:
         if stop.hit:
             print(f"interrupted: saved step {step} to {cfg.out_dir}; continue with --resume")
-        plot_losses(os.path.join(cfg.out_dir, "loss.png"), curve, val_curve)
-        metrics.close()
         if acc:
             print(f"held-out exact match after {step} steps ({time.time() - t0:.0f}s):\n" + accuracy_table(acc, chance))
         print(f"checkpoint: {cfg.out_dir}  (python chat.py --ckpt {cfg.out_dir})")
-    if ddp:
+    if distributed:
         dist.destroy_process_group()
-    return curve, acc
+    return log.curve, acc
 
 
 def main(argv=None):

@@ -232,7 +232,7 @@ def test_chatml_hand_checked_example():
     m = -100
     assert labels == ([S, m, m, m, m, E, *NL] + [S] + [m] * (len(user_part) - 3) + [E, *NL]
                       + [S, m, m, w("a"), w(" cat"), E, *NL])
-    # the default system prompt gives REFERENCE.md's ChatML text exactly
+    # the default system prompt gives Qwen-Chat's ChatML text exactly (docs/reference.md)
     ids, _ = data.encode_conversation(TOK, [("user", "q"), ("assistant", "a")], 1)
     assert TOK.decode(ids) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                                "q<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n")
@@ -252,7 +252,7 @@ def test_specials_in_user_text_are_plain_text():
     assert ids.count(S) == 3 and ids.count(E) == 3 and X not in ids
     with pytest.raises(ValueError, match="a turn must be"):
         data.encode_conversation(TOK, [("bot", "x")], 2)
-    with pytest.raises(ValueError, match="template must be 'chatml' or 'phi'"):
+    with pytest.raises(ValueError, match=re.escape("template must be one of ['chatml', 'phi'], got 'llama'")):
         data.encode_conversation(TOK, [("user", "x")], 2, template="llama")
 
 

@@ -9,9 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from convert import llm_from_hf, load_llm, save_llm  # noqa: E402
+from convert import llm_from_hf  # noqa: E402
+from model import load_llm, save_llm  # noqa: E402
 from phi import Phi, PhiConfig  # noqa: E402
-from test_qwen import V, check_parity, prompts, randomize, save_hf  # noqa: E402
+from conftest import V, check_parity, prompts, randomize, save_hf  # noqa: E402
 
 
 def hf_phi(qk_layernorm=False, seed=0):
@@ -31,8 +32,8 @@ def test_phi_parity(tmp_path, fmt):
     ours, config = llm_from_hf(str(tmp_path / "hf"), "phi")
     assert not config.tinygptv and ours.lm_head.bias is not None
     check_parity(ref, ours.eval())
-    save_llm(str(tmp_path / "ours"), ours, config)
-    again, _ = load_llm(str(tmp_path / "ours"))
+    save_llm(str(tmp_path / "ours"), ours)
+    again = load_llm(str(tmp_path / "ours"))
     idx = prompts()
     with torch.no_grad():
         assert torch.equal(again.eval()(idx)[0], ours(idx)[0])

@@ -2,6 +2,7 @@
 one process's (a transformer-ish chain with masked labels), torch.distributed.pipelining on the same
 stages, instrumentation of in-flight microbatches, and a killed rank ending the run."""
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -323,8 +324,9 @@ def mm_batch(seed, n, T=20, q=8, vocab=512):
 
 
 def _run_model(pp, dpg, llm, freeze, schedule, m, share, shard_dir, b=2):
+    import ckpt
     from model import MultimodalLM, supervised_count
-    from pipeline import PipelineRunner, merge_stage_shards
+    from pipeline import PipelineRunner
     p, dp, d = dist.get_world_size(pp), dist.get_world_size(dpg), dist.get_rank(dpg)
     stage = dist.get_rank(pp)
     torch.manual_seed(0)
@@ -354,11 +356,15 @@ def _run_model(pp, dpg, llm, freeze, schedule, m, share, shard_dir, b=2):
             assert err <= 1e-6, f"{where} step {step} {k}: gradient off by {err:.2e} beyond rtol 1e-5"
         sgd([p_ for p_ in runner.module.parameters() if p_.requires_grad], lr=1.0)
         sgd(trainable, lr=1.0)
-    runner.save_shard(shard_dir)
+    if d == 0:  # the first replica writes each stage's shard
+        os.makedirs(shard_dir, exist_ok=True)
+        ckpt.write_files(shard_dir, runner.shard_files(step=2))
     dist.barrier(group=pp)  # the replica's shards are all written (by the first replica) ...
     dist.barrier(group=dpg)  # ... including the one this stage's other replicas reload
     if stage == 0 and d == 0:  # the merged shards are the one-process model, every key of it
-        merged, full = merge_stage_shards(sorted(os.path.join(shard_dir, f) for f in os.listdir(shard_dir))), ref.state_dict()
+        merged, meta = ckpt.merge_stage_shards(sorted(os.path.join(shard_dir, f) for f in os.listdir(shard_dir)))
+        full = ref.state_dict()
+        assert meta["step"] == "2" and json.loads(meta["config"]) == model.config.to_dict(), where
         assert sorted(merged) == sorted(full), where
         for k, v in full.items():
             assert (merged[k] - v).abs().max() <= 1e-5 * v.abs().max() + 1e-7, f"{where}: merged {k}"
@@ -367,11 +373,11 @@ def _run_model(pp, dpg, llm, freeze, schedule, m, share, shard_dir, b=2):
         loaded = MultimodalLM.from_checkpoint(shard_dir + "-merged").state_dict()
         assert sorted(loaded) == sorted(full) and all(torch.equal(loaded[k], merged[k]) for k in full), where
     with torch.no_grad():
-        saved = {k: v.clone() for k, v in runner.state_dict().items()}
+        saved = {k: v.clone() for k, v in runner.module.state_dict().items()}
         for p_ in runner.module.parameters():
             p_.zero_()
-    runner.load_shard(shard_dir)  # resume: the same weights come back
-    assert all(torch.equal(v, saved[k]) for k, v in runner.state_dict().items()), where
+    assert runner.load_shard(shard_dir) == 2  # resume: the same weights come back, and the step
+    assert all(torch.equal(v, saved[k]) for k, v in runner.module.state_dict().items()), where
 
 
 # (phase, stages, ranks, llm, freeze, schedule, m, first_stage_share); one phase's jobs run side by side

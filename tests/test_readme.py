@@ -25,7 +25,7 @@ def test_commands_name_real_scripts_kinds_and_presets():
     for kind in re.findall(r"python convert\.py (\w+)", README):
         assert kind in kinds, f"README: convert.py has no kind {kind!r}"
     for preset in re.findall(r"train\.py --preset=([\w.-]+)", README):
-        assert preset in train.PRESETS, f"README: train.py has no preset {preset!r}"
+        assert preset in train.TRAIN_PRESETS, f"README: train.py has no preset {preset!r}"
     fields = {f.name for f in train.Config.__dataclass_fields__.values()}
     for key in re.findall(r"train\.py[^\n#]*?--(\w+)=", README):
         assert key in fields, f"README: train.py has no option --{key}"

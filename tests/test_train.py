@@ -1,16 +1,23 @@
-"""train.py: config parsing, a short run learns, exact resume after Ctrl-C, NaN stop, and DDP /
+"""train.py: config parsing, a short run learns, exact resume after Ctrl-C, NaN stop, a crash at
+every step of a save then resume, held-out evaluation by the model's chat template, and DDP /
 accumulation gradients equal to one process on the whole batch (2 gloo processes)."""
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import ckpt
 import train
-from data import collate
-from model import MultimodalLM
+from data import IMAGE_TOKEN, TEMPLATES, collate
+from model import MMConfig, MultimodalLM
+from phi import PhiConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_args(tmp_path, out="run", **kw):
@@ -23,7 +30,7 @@ def tiny_args(tmp_path, out="run", **kw):
 def test_overrides_are_type_checked():
     cfg = train.parse_args(["--lr=1e-3", "--max_iters=7", "--resume", "--augment=false", "--preset=toy-long"])
     assert (cfg.lr, cfg.max_iters, cfg.resume, cfg.augment) == (1e-3, 7, True, False)
-    assert cfg.eval_every == train.PRESETS["toy-long"]["eval_every"] and cfg.out_dir == os.path.join("out", "toy-long")
+    assert cfg.eval_every == train.TRAIN_PRESETS["toy-long"]["eval_every"] and cfg.out_dir == os.path.join("out", "toy-long")
     cases = {"--lr=fast": "--lr: expected float, got 'fast'",
              "--max_iters=1.5": "--max_iters: expected int, got '1.5'",
              "--resume=maybe": "--resume: expected true or false, got 'maybe'",
@@ -43,8 +50,11 @@ def test_short_run_lowers_loss(tmp_path):
     curve, _ = train.train(train.parse_args(tiny_args(tmp_path, max_iters=25, lr=3e-3)))
     losses = [l for _, l in curve]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3
-    for name in ("model.safetensors", "config.json", "tokenizer.tiktoken", "train_state.pt", "loss.png", "metrics.jsonl"):
-        assert (tmp_path / "run" / name).exists(), name
+    step = ckpt.resolve(tmp_path / "run")  # the files of the last save, which `latest` names
+    assert os.path.basename(step) == "step-000025" and sorted(os.listdir(tmp_path / "run")) == [
+        "latest", "loss.png", "metrics.jsonl", "step-000025"]
+    assert sorted(os.listdir(step)) == ["config.json", "model.safetensors", "tokenizer.tiktoken", "tokenizer_config.json",
+                                        "train_state.pt"]
     model = MultimodalLM.from_checkpoint(tmp_path / "run")  # what chat.py loads
     assert model.config.loss_norm == "sample"
 
@@ -87,10 +97,151 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys)
     msg = (f"error: step 6: loss is nan; stopping without saving. The last good checkpoint in {out} "
            f"(step 4) is intact.\n")
     assert capsys.readouterr().err.endswith(msg)
-    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 4
-    assert json.loads((out / "config.json").read_text())["train"]["step"] == 4
+    step = ckpt.resolve(out)
+    assert torch.load(os.path.join(step, "train_state.pt"), weights_only=True)["step"] == 4
+    assert ckpt.load_config(out)["train"]["step"] == 4
     monkeypatch.undo()
     MultimodalLM.from_checkpoint(out)  # the checkpoint is whole and loads
+
+
+# ----------------------------------------------------------------------------- crash in the middle of a save
+
+CRASH = """
+import os, sys
+import train
+# Count this rank's file-system events (fsync, rename, delete: those named in argv[3]) during the
+# save of step 4 and end the process with no clean-up, as a power cut would, right after the k-th.
+k, rank, names = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
+events, armed = [0], [False]
+save = train.save
+def counted_save(cfg, model, tok, opt, step, runner=None):
+    armed[0] = step == 4 and int(os.environ.get("RANK", 0)) == rank
+    save(cfg, model, tok, opt, step, runner)
+    if armed[0]:
+        print("events", events[0], flush=True)
+train.save = counted_save
+def crash_after(fn):
+    def wrapped(*args, **kw):
+        out = fn(*args, **kw)
+        if armed[0]:
+            events[0] += 1
+            if events[0] == k:
+                os._exit(3)
+        return out
+    return wrapped
+for name in names:
+    setattr(os, name, crash_after(getattr(os, name)))
+sys.exit(train.main(sys.argv[4:]))
+"""
+EVENTS = "fsync,replace,rename,unlink,rmdir"
+
+
+def crash_run(tmp_path, k, args, rank=0, events=EVENTS, nproc=1):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                  str(nproc), "--master_port", str(free_port())]
+    return subprocess.run([*launch, str(script), str(k), str(rank), events, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_crash_at_any_instant_of_a_save_resumes_exactly(tmp_path):
+    """Crash after each fsync, rename and delete of the save at step 4 of a run checkpointed every
+    2 steps; --resume then continues from step 2 or step 4 and gives the uninterrupted losses."""
+    args = lambda k: tiny_args(tmp_path, f"crash{k}", max_iters=6, ckpt_every=2)  # a fresh run each time
+    full, _ = train.train(train.parse_args(tiny_args(tmp_path, "full", max_iters=6, ckpt_every=2)))
+    counted = crash_run(tmp_path, 0, args(0))  # k = 0: no crash, just count
+    assert counted.returncode == 0, counted.stderr
+    n = int(counted.stdout.split("events ")[1].split()[0])
+    assert n >= 5, counted.stdout  # at least one event per file of the save
+    resumed_from = set()
+    for k in range(1, n + 1):
+        crashed = crash_run(tmp_path, k, args(k))
+        assert crashed.returncode == 3, (k, crashed.stderr[-2000:])
+        step = int(os.path.basename(ckpt.resolve(tmp_path / f"crash{k}")).split("-")[1])
+        resumed_from.add(step)
+        rest, _ = train.train(train.parse_args(args(k) + ["--resume"]))
+        assert rest == full[step:], f"crash after event {k} of {n}, resumed from step {step}"
+    assert resumed_from == {2, 4}  # before the pointer moved, the old step; after it, the new one
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_pipeline_run_saves_every_stage_or_none_and_resumes_exactly(tmp_path):
+    """torchrun, 2 gloo processes, 2 pipeline stages: each stage writes its shard and optimizer into
+    the step's staging directory and rank 0 merges and commits. A crash of the stage-1 process
+    while it writes its shard, or of rank 0 at either rename, then --resume gives the losses of
+    the uninterrupted run; the merged model of the last step loads for chat."""
+    args = lambda out: tiny_args(tmp_path, out, max_iters=6, ckpt_every=2, num_stages=2, max_len=128, batch_size=4,
+                                 grad_accum=2)
+    full = crash_run(tmp_path, 0, args("full"), nproc=2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    want = losses(tmp_path / "full")
+    assert len(want) == 6
+    step = ckpt.resolve(tmp_path / "full")
+    assert {"stage0-of-2.safetensors", "stage1-of-2.safetensors", "train_state0.pt", "train_state1.pt",
+            "model.safetensors"} <= set(os.listdir(step))
+    MultimodalLM.from_checkpoint(tmp_path / "full")  # the merged shards: every key checked
+    for name, (k, rank, events, start) in {"stage1-shard": (1, 1, "fsync", 2), "commit": (1, 0, "replace,rename", 2),
+                                           "latest": (2, 0, "replace,rename", 4)}.items():
+        crashed = crash_run(tmp_path, k, args(name), rank=rank, events=events, nproc=2)
+        assert crashed.returncode != 0 and "events" not in crashed.stdout, (name, crashed.stdout[-2000:])
+        assert os.path.basename(ckpt.resolve(tmp_path / name)) == f"step-{start:06d}", name
+        resumed = crash_run(tmp_path, 0, args(name) + ["--resume"], nproc=2)
+        assert resumed.returncode == 0, (name, resumed.stderr[-3000:])
+        assert losses(tmp_path / name)[-(6 - start):] == want[start:], name
+
+
+def test_resume_refuses_files_of_different_steps(tmp_path):
+    args = tiny_args(tmp_path, max_iters=4, ckpt_every=2)
+    train.train(train.parse_args(args))
+    d = ckpt.resolve(tmp_path / "run")
+    state = torch.load(os.path.join(d, "train_state.pt"), weights_only=True)
+    torch.save({**state, "step": 2}, os.path.join(d, "train_state.pt"))  # a file from another save
+    with pytest.raises(ckpt.CheckpointError, match=rf"^--resume: the files of {d} belong to different steps: "
+                                                   rf"{d}/train_state.pt step 2, {d}/config.json step 4$"):
+        train.train(train.parse_args(args + ["--max_iters=6", "--resume"]))
+
+
+# ----------------------------------------------------------------------------- held-out evaluation
+
+@pytest.mark.parametrize("llm_type", ["qwen", "phi"])
+def test_evaluate_cuts_answers_by_the_models_template(tmp_path, llm_type, monkeypatch):
+    """An oracle that answers every held-out question with the true answer scores 100% for either
+    template: the gold answer is cut at the template's own end (ChatML: <|im_end|>\\n, phi:
+    <|endoftext|>) and generation stops on its stop tokens."""
+    cfg = train.parse_args(tiny_args(tmp_path))
+    torch.manual_seed(0)
+    model, tok = train.build(cfg, train.datasets(cfg))
+    if llm_type == "phi":
+        llm = PhiConfig(**{**PhiConfig.preset("tiny").__dict__, "vocab_size": model.config.llm.vocab_size})
+        model = MultimodalLM(MMConfig(vit=model.config.vit, qformer=model.config.qformer, llm=llm, llm_type="phi",
+                                      image_token_id=tok.token_id(IMAGE_TOKEN)))
+    val = train.datasets(cfg, tok, model.config)[1]
+    template = TEMPLATES[{"qwen": "chatml", "phi": "phi"}[llm_type]]
+    rows = json.load(open(val.ds.json_path))
+    lead = " " if llm_type == "phi" else ""  # phi answers follow [/INST] after a space
+    answers = [tok.encode(lead + (r["output"][-1] if isinstance(r["output"], list) else r["output"])) for r in rows]
+
+    def oracle(ids, images, mask, max_new_tokens, stop_ids):
+        assert stop_ids == [tok.token_id(s) for s in template["stops"]]
+        lo = oracle.seen
+        oracle.seen += len(ids)
+        return answers[lo:lo + len(ids)]
+    oracle.seen = 0
+    monkeypatch.setattr(model, "generate", oracle)
+    _, acc = train.evaluate(model, val, tok, cfg, train.nullcontext())
+    assert set(acc.values()) == {1.0} and oracle.seen == 16
 
 
 # ----------------------------------------------------------------------------- data parallel
@@ -98,8 +249,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys)
 def setup(tmp_path):
     cfg = train.parse_args(tiny_args(tmp_path))
     torch.manual_seed(0)
-    model, tok = train.build(cfg, train.datasets(cfg, None, 0))
-    ds = train.datasets(cfg, tok, model.config.qformer.num_query)[0]
+    model, tok = train.build(cfg, train.datasets(cfg))
+    ds = train.datasets(cfg, tok, model.config)[0]
     return cfg, model, [ds[i] for i in range(8)], tok.token_id("<|endoftext|>")
 
 

@@ -4,7 +4,6 @@ Random tiny HF models are written out in the three public layouts (LAVIS eva_vit
 BLIP-2 .pth nested under "model", HF Blip2Model save_pretrained), converted with convert.py, and
 our forward must match HF's within 1e-4 in fp32, also at a non-default image size.
 """
-import math
 
 import pytest
 import torch
@@ -13,8 +12,11 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from transformers import Blip2Config, Blip2Model, Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
-import convert
-from convert import CheckpointError, convert_blip2_hf, convert_blip2_lavis, convert_eva_vit_g, load_vision
+import ckpt
+from ckpt import CheckpointError
+from conftest import randomize
+from convert import convert_blip2_hf, convert_blip2_lavis, convert_eva_vit_g
+from model import vision_state
 from qformer import QFormer, QFormerConfig
 from vit import EVAViT, ViTConfig, interpolate_pos_embed
 
@@ -32,22 +34,6 @@ def hf_qformer_config():
     return Blip2QFormerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
                               encoder_hidden_size=48, cross_attention_frequency=2)
 
-
-@torch.no_grad()
-def randomize(module, seed):
-    """Weights that make every path matter (HF initialises the ViT with std 1e-10)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if p.dim() >= 2 and ("embedding" in name or "query_tokens" in name):
-            p.copy_(0.5 * r)
-        elif p.dim() >= 2:
-            p.copy_(r / math.sqrt(p[0].numel()))
-        elif "norm" in name.lower() and name.endswith("weight"):
-            p.copy_(1 + 0.2 * r)
-        else:
-            p.copy_(0.2 * r)
-    return module.eval()
 
 
 # Independent restatement of the public key layouts (HF -> LAVIS), to write LAVIS files.
@@ -124,7 +110,7 @@ def ours(tmp_ckpt, img_size=56, qformer=False):
     model.vit = EVAViT(ViTConfig(**{**VIT, "img_size": img_size}))
     if qformer:
         model.qformer = QFormer(QFormerConfig(**QF))
-    load_vision(model, tmp_ckpt)
+    ckpt.load_into(model, vision_state(tmp_ckpt, model.vit.config.grid), cast=True)
     return model.eval()
 
 
@@ -140,7 +126,7 @@ def test_eva_vit_g_lavis_layout(hf, tmp_path, dtype, size):
     assert "blocks.2.mlp.fc1.weight" in src  # the extra last block, as in the 40-block file
     torch.save(src, tmp_path / "eva_vit_g.pth")
     convert_eva_vit_g(str(tmp_path / "eva_vit_g.pth"), str(tmp_path / "out"), ViTConfig(**VIT))
-    state, config = convert.load_checkpoint(str(tmp_path / "out"))
+    state, config = ckpt.load(str(tmp_path / "out"))
     assert config == {"vit": VIT} and not any(k.startswith("vit.blocks.2.") for k in state)
     assert {t.dtype for t in state.values()} == {dtype}  # an fp16 file stays fp16
     model = ours(str(tmp_path / "out"), img_size=size)
@@ -178,12 +164,12 @@ def test_blip2_lavis_layout(hf, tmp_path):
     qonly = {k: t for k, t in src.items() if not k.startswith("visual_encoder.")}
     torch.save({"model": qonly}, tmp_path / "qonly.pth")
     convert_blip2_lavis(str(tmp_path / "qonly.pth"), str(tmp_path / "qout"), ViTConfig(**VIT), QFormerConfig(**QF))
-    state, config = convert.load_checkpoint(str(tmp_path / "qout"))
+    state, config = ckpt.load(str(tmp_path / "qout"))
     assert set(config) == {"qformer"} and all(k.startswith("qformer.") for k in state)
     image_embeds = 3e-3 * torch.randn(2, 17, 48)  # variance ~ eps: ln_vision's 1e-5 must be exact
     model = torch.nn.Module()
     model.qformer = QFormer(QFormerConfig(**QF))
-    load_vision(model, str(tmp_path / "qout"))
+    ckpt.load_into(model, vision_state(str(tmp_path / "qout")))
     torch.testing.assert_close(model.qformer(image_embeds), hf_qformer(vision, qformer, query_tokens, image_embeds),
                                atol=1e-4, rtol=1e-4)
 
@@ -209,7 +195,7 @@ def test_blip2_hf_layout(hf_blip2, size):
     model, d = hf_blip2
     out = str(d / "ours")
     convert_blip2_hf(str(d / "blip2"), out)  # configs read from config.json
-    _, config = convert.load_checkpoint(out)
+    _, config = ckpt.load(out)
     assert config == {"vit": VIT, "qformer": QF}
     ours_model, x = ours(out, size, qformer=True), pixels(size)
     with torch.no_grad():

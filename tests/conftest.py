@@ -1,0 +1,109 @@
+"""Shared test helpers: one way to randomise weights, the HF export of a tiny reference LLM and the
+LLM parity suite. Test files import these from here, never from each other."""
+import json
+import math
+import os
+
+import torch
+
+
+@torch.no_grad()
+def randomize(module, seed):
+    """Re-draw every parameter so that every path matters (HF initialises biases to 0, norms to 1
+    and the BLIP-2 ViT with std 1e-10, which would hide bugs): matrices N(0, 1/fan_in), the vision
+    embeddings (`*embedding*`) and query tokens 0.5 N(0, 1), norm weights 1 + 0.2 N(0, 1), other vectors 0.2 N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        r = torch.randn(p.shape, generator=g)
+        if p.dim() >= 2 and ("embedding" in name or "query_tokens" in name):
+            p.copy_(0.5 * r)
+        elif p.dim() >= 2:
+            p.copy_(r / math.sqrt(p[0].numel()))
+        elif "norm" in name.lower() and name.endswith("weight"):
+            p.copy_(1 + 0.2 * r)
+        else:
+            p.copy_(0.2 * r)
+    return module.eval()
+
+
+V, PROMPT, NEW = 256, 24, 20
+
+
+def save_bin_shards(model, d, n=2):
+    """The HF .bin shard layout (transformers 5 only writes safetensors): pytorch_model-0000i-of-
+    0000n.bin + pytorch_model.bin.index.json, tied lm_head left out as save_pretrained does."""
+    os.makedirs(d, exist_ok=True)
+    model.config.save_pretrained(d)
+    state = {k: v for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    keys, weight_map = list(state), {}
+    for i in range(n):
+        name = f"pytorch_model-{i + 1:05d}-of-{n:05d}.bin"
+        part = {k: state[k].clone() for k in keys[i::n]}
+        torch.save(part, os.path.join(d, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def save_hf(model, d, fmt):
+    if fmt == "safetensors":
+        model.save_pretrained(d, max_shard_size="20KB")  # several shards + index json
+        assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))
+    else:
+        save_bin_shards(model, d)
+
+
+def hf_qwen2(n_kv, tied, seed=0):
+    import transformers
+    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=256,
+                                   rope_theta=10000.0, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    return randomize(transformers.Qwen2ForCausalLM(cfg), seed)
+
+
+def prompts(B=2, T=PROMPT, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def check_parity(ref, ours):
+    """The LLM parity suite (test_qwen, test_phi): ref is the HF model, ours the converted one."""
+    idx = prompts()
+    with torch.no_grad():
+        want = ref(idx).logits
+        got, _ = ours(idx)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # 20 greedy tokens
+    want_tokens = ref.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=NEW, do_sample=False,
+                               pad_token_id=0)[:, PROMPT:]
+    assert torch.equal(torch.tensor(ours.generate(idx, max_new_tokens=NEW)), want_tokens)
+    # KV cache: a prefill, single steps, then a chunk, against one forward without cache
+    seq = torch.cat([idx, want_tokens], 1)
+    cache = ours.new_cache(2, seq.shape[1])
+    with torch.no_grad():
+        full, _ = ours(seq)
+        parts = [ours(seq[:, :10], cache=cache)[0]]
+        parts += [ours(seq[:, t:t + 1], cache=cache)[0] for t in range(10, 30)]
+        parts.append(ours(seq[:, 30:], cache=cache)[0])
+    assert cache.len == seq.shape[1]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+    # left-padded batch equals each prompt alone (logits at real positions, then greedy tokens)
+    lens = [PROMPT, 15, 7]
+    rows = [prompts(1, n, seed=10 + n)[0] for n in lens]
+    batch = torch.zeros(3, PROMPT, dtype=torch.long)
+    mask = torch.zeros(3, PROMPT, dtype=torch.long)
+    for i, (r, n) in enumerate(zip(rows, lens)):
+        batch[i, PROMPT - n:], mask[i, PROMPT - n:] = r, 1
+    with torch.no_grad():
+        padded, _ = ours(batch, attention_mask=mask)
+        gen = torch.tensor(ours.generate(batch, attention_mask=mask, max_new_tokens=12))
+        for i, (r, n) in enumerate(zip(rows, lens)):
+            alone, _ = ours(r[None])
+            torch.testing.assert_close(padded[i, PROMPT - n:], alone[0], atol=1e-5, rtol=0)
+            assert gen[i].tolist() == ours.generate(r[None], max_new_tokens=12)[0]
+    # and HF agrees on the padded batch
+    want_pad = ref.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, want_pad[:, PROMPT:])
+
+
