@@ -108,53 +108,79 @@ def write_video(path, frames, fps=4):
             out.mux(packet)
 
 
+def _count(rng, ctx):
+    n = rng.randint(1, len(NUMBERS))
+    return count_image(rng, ctx["size"], n), f"{IMG} {QUESTIONS['count']}", NUMBERS[n - 1]
+
+
+def _position(rng, ctx):
+    where = rng.choice(POSITIONS)
+    img = one_shape_image(rng, ctx["size"], ctx["shape"], ctx["colour"], *position_xy(rng, ctx["size"], where))
+    return img, f"{IMG} {QUESTIONS['position']}", where
+
+
+def _one_shape(task):
+    def make(rng, ctx):
+        colour, shape = ctx["colour"], ctx["shape"]
+        img = one_shape_image(rng, ctx["size"], shape, colour)
+        return img, f"{IMG} {QUESTIONS[task]}", {"caption": f"a {colour} {shape}", "colour": colour, "shape": shape}[task]
+    return make
+
+
+def _multiturn(rng, ctx):
+    """Two questions about one image; the last answer is scored."""
+    size, colour, shape = ctx["size"], ctx["colour"], ctx["shape"]
+    one_shape_image(rng, size, shape, colour)  # an unused draw, kept so that cached datasets stay valid
+    where = rng.choice(POSITIONS)
+    img = one_shape_image(rng, size, shape, colour, *position_xy(rng, size, where))
+    asked = rng.sample(["colour", "shape", "position"], 2)
+    facts = {"colour": colour, "shape": shape, "position": where}
+    return img, [f"{IMG} {QUESTIONS[asked[0]]}", QUESTIONS[asked[1]]], [facts[asked[0]], facts[asked[1]]]
+
+
+def _compare(rng, ctx):
+    """Two images written here: is the second shape the same colour as the first?"""
+    colour, same = ctx["colour"], rng.random() < 0.5
+    other = colour if same else rng.choice([c for c in COLOURS if c != colour])
+    for k, c in enumerate((colour, other)):
+        one_shape_image(rng, ctx["size"], rng.choice(SHAPES), c).save(os.path.join(ctx["root"], f"{ctx['name']}_{k}.png"))
+    ctx["image"] = [f"{ctx['name']}_0.png", f"{ctx['name']}_1.png"]
+    return None, f"{IMG} {IMG} {QUESTIONS['compare']}", "yes" if same else "no"
+
+
+def _video(rng, ctx):
+    """A shape moving in one direction over n_frames frames, written here as a lossless video."""
+    size, n_frames = ctx["size"], ctx["n_frames"]
+    answer = rng.choice(list(DIRECTIONS))
+    dx, dy = DIRECTIONS[answer]
+    step = size * 0.4 / max(1, n_frames - 1)  # travels 40% of the image, never leaves it
+    start = [size * (0.5 - 0.2 * d + rng.uniform(-0.08, 0.08)) for d in (dx, dy)]
+    frame_seed = rng.random()  # same background and size in every frame
+    frames = [one_shape_image(random.Random(frame_seed), size, ctx["shape"], ctx["colour"],
+                              round(start[0] + dx * step * t), round(start[1] + dy * step * t))
+              for t in range(n_frames)]
+    write_video(os.path.join(ctx["root"], f"{ctx['name']}.mkv"), frames)
+    ctx["video"] = f"{ctx['name']}.mkv"
+    return None, f"{IMG} {QUESTIONS['video']}", answer
+
+
+# task -> fn(rng, ctx) -> (image or None, instruction, output); compare and video write their own files
+MAKERS = {"caption": _one_shape("caption"), "colour": _one_shape("colour"), "shape": _one_shape("shape"),
+          "count": _count, "position": _position, "multiturn": _multiturn, "compare": _compare, "video": _video}
+
+
 def make_row(rng, task, i, root, size, n_frames):
     """One JSON row of the given task; its images/video are written under root."""
     name = f"{task}_{i:05d}"
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    ctx = dict(name=name, root=root, size=size, n_frames=n_frames, colour=colour, shape=shape)
+    img, instruction, output = MAKERS[task](rng, ctx)
     row = {"task": task}
-    if task == "count":
-        n = rng.randint(1, len(NUMBERS))
-        img, answer = count_image(rng, size, n), NUMBERS[n - 1]
-    elif task == "position":
-        answer = rng.choice(POSITIONS)
-        img = one_shape_image(rng, size, shape, colour, *position_xy(rng, size, answer))
-    elif task in ("compare", "video"):
-        img = None
-    else:
-        img = one_shape_image(rng, size, shape, colour)
-        answer = {"caption": f"a {colour} {shape}", "colour": colour, "shape": shape}.get(task)
-    if task == "multiturn":
-        where = rng.choice(POSITIONS)
-        img = one_shape_image(rng, size, shape, colour, *position_xy(rng, size, where))
-        asked = rng.sample(["colour", "shape", "position"], 2)
-        facts = {"colour": colour, "shape": shape, "position": where}
-        row["instruction"] = [f"{IMG} {QUESTIONS[asked[0]]}", QUESTIONS[asked[1]]]
-        row["output"] = [facts[asked[0]], facts[asked[1]]]
-    elif task == "compare":
-        same = rng.random() < 0.5
-        other = colour if same else rng.choice([c for c in COLOURS if c != colour])
-        for k, c in enumerate((colour, other)):
-            one_shape_image(rng, size, rng.choice(SHAPES), c).save(os.path.join(root, f"{name}_{k}.png"))
-        row["image"] = [f"{name}_0.png", f"{name}_1.png"]
-        row["instruction"] = f"{IMG} {IMG} {QUESTIONS[task]}"
-        row["output"] = "yes" if same else "no"
-    elif task == "video":
-        answer = rng.choice(list(DIRECTIONS))
-        dx, dy = DIRECTIONS[answer]
-        step = size * 0.4 / max(1, n_frames - 1)  # travels 40% of the image, never leaves it
-        start = [size * (0.5 - 0.2 * d + rng.uniform(-0.08, 0.08)) for d in (dx, dy)]
-        frame_seed = rng.random()  # same background and size in every frame
-        frames = [one_shape_image(random.Random(frame_seed), size, shape, colour,
-                                  round(start[0] + dx * step * t), round(start[1] + dy * step * t))
-                  for t in range(n_frames)]
-        write_video(os.path.join(root, f"{name}.mkv"), frames)
-        row["video"], row["instruction"], row["output"] = f"{name}.mkv", f"{IMG} {QUESTIONS[task]}", answer
     if img is not None:
         img.save(os.path.join(root, f"{name}.png"))
         row["image"] = f"{name}.png"
-        if task != "multiturn":
-            row["instruction"], row["output"] = f"{IMG} {QUESTIONS[task]}", answer
+    row.update({k: ctx[k] for k in ("image", "video") if k in ctx})
+    row["instruction"], row["output"] = instruction, output
     return row
 
 

@@ -45,6 +45,7 @@ from model import IGNORE, MMConfig, MultimodalLM, supervised_count
 from pipeline import PipelineRunner, make_groups
 from qformer import QFormerConfig
 from qwen import QwenConfig
+from synthetic import chance_levels, make_synthetic
 from tokenizer import Tokenizer
 from vit import ViTConfig
 
@@ -246,7 +247,6 @@ def datasets(cfg, tok=None, config=None):
     the model `config`: its num_query and its LLM family's chat template."""
     words, chance = [], None
     if cfg.data == "synthetic":
-        from synthetic import make_synthetic
         d = make_synthetic(cfg.synthetic_root, cfg.seed, cfg.n_train, cfg.n_val, cfg.image_size)
         train_json, val_json, root, words = d["train"], d["val"], d["image_root"], d["words"]
     else:
@@ -258,7 +258,6 @@ def datasets(cfg, tok=None, config=None):
     train = make(train_json, cfg.augment)
     val = Cached(make(val_json, False)) if val_json else None
     if val_json:
-        from synthetic import chance_levels
         with open(val_json) as f:
             rows = [r for r in json.load(f) if "task" in r]
         chance = chance_levels(rows) if rows else None
