@@ -61,6 +61,7 @@ class Config:
     n_train: int = 30000
     n_val: int = 800
     augment: bool = False        # random crop + flip; off for the toy (a flip turns left into right)
+    num_workers: int = 0         # processes that build the next steps' batches (0: the training process)
     max_len: int = 256
     max_frames: int = 2          # video frames the model sees (the synthetic videos have 4)
     curriculum_tasks: str = "count,shape,caption"  # the warm-up's tasks (rows' `task` field)
@@ -110,7 +111,7 @@ class Config:
 # frozen; bf16; AdamW betas (0.9, 0.99), eps 1e-7, clip 1.0; paths are what convert.py was told to write.
 _BLIP2 = dict(init_vision="checkpoints/eva_vit_g,checkpoints/blip2", image_size=224, num_query=32, max_frames=32,
               augment=True, loss_norm="token", eps=1e-7, dtype="bf16", min_lr=0.0, image_root="data/images",
-              eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="")
+              eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="", num_workers=4)
 TRAIN_PRESETS = {
     "toy": dict(),
     "toy-long": dict(max_iters=15000, n_train=30000, eval_every=2500, ckpt_every=2500),
@@ -127,6 +128,13 @@ TRAIN_PRESETS = {
     "tinygptv-phi2": dict(_BLIP2, model="tinygpt-v", init_llm="checkpoints/phi-2", tokenizer="checkpoints/phi-2",
                           freeze="pretrain", batch_size=8, grad_accum=4, lr=1e-3, min_lr=1e-5, warmup_iters=100,
                           max_iters=2000, data="data/llava_pretrain.json"),
+    # MiniGPT-4 stage 2 (train_configs/minigpt4_stage2_finetune.yaml): only llm_proj learns, from the
+    # stage-1 projection, on cc_sbu_align: lr 3e-5 -> 1e-5, 200 warm-up of 1000 steps, batch 12, wd 0.05
+    "minigpt4-vicuna7b-finetune": dict(_BLIP2, model="minigpt4-vicuna7b", init_llm="checkpoints/vicuna-7b",
+                                       tokenizer="checkpoints/vicuna-7b", init_proj="checkpoints/minigpt4-proj",
+                                       freeze="pretrain", max_len=256, batch_size=12, lr=3e-5, min_lr=1e-5,
+                                       warmup_iters=200, max_iters=1000, weight_decay=0.05, eps=1e-8, beta2=0.999,
+                                       data="data/cc_sbu_align.json"),
 }
 
 
@@ -264,31 +272,57 @@ def datasets(cfg, tok=None, config=None):
     return (train if cfg.augment else Cached(train)), val, chance
 
 
-def step_batches(cfg, ds, pad_id, dp_rank, dp_size, step):
-    """Yield the microbatches of step, step+1, ...: each epoch is a DistributedSampler permutation
-    (keyed by seed, epoch and DP rank), so the data position is just the step number. The first
-    curriculum_iters steps draw only from curriculum_tasks (a warm-up on easy questions); after it,
-    the oversample tasks' rows are in each epoch twice."""
-    per_step = cfg.batch_size * cfg.grad_accum
-    samples = getattr(ds, "ds", ds).samples
-    easy = [i for i, s in enumerate(samples) if s["task"] in cfg.curriculum_tasks.split(",")]
-    everything = list(range(len(ds))) + [i for i, s in enumerate(samples) if s["task"] in cfg.oversample.split(",")]
-    if cfg.curriculum_iters > 0 and not easy:
-        raise ValueError(f"no training row has a task in curriculum_tasks={cfg.curriculum_tasks!r} "
-                         f"(rows name it in a 'task' field); set --curriculum_iters=0 for data without tasks")
-    fixed = cfg.max_len if cfg.num_stages > 1 else None  # the pipeline sends static shapes
-    while True:
-        start, pool = (0, easy) if step < cfg.curriculum_iters else (cfg.curriculum_iters, everything)
-        sampler = torch.utils.data.DistributedSampler(pool, dp_size, dp_rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        per_epoch = len(sampler) // per_step
+class StepBatches(torch.utils.data.Dataset):
+    """Step number -> that step's microbatches: each epoch is a DistributedSampler permutation
+    (keyed by seed, epoch and DP rank, drawn once per epoch), so the data position is just the
+    step number. The first curriculum_iters steps draw only from curriculum_tasks (a warm-up on
+    easy questions); after it, the oversample tasks' rows are in each epoch twice. A map-style
+    dataset, so that DataLoader workers can build the next steps while this one trains."""
+
+    def __init__(self, cfg, ds, pad_id, dp_rank, dp_size):
+        self.cfg, self.ds, self.pad_id, self.dp_rank, self.dp_size = cfg, ds, pad_id, dp_rank, dp_size
+        samples = getattr(ds, "ds", ds).samples
+        self.easy = [i for i, s in enumerate(samples) if s["task"] in cfg.curriculum_tasks.split(",")]
+        self.everything = list(range(len(ds))) + [i for i, s in enumerate(samples) if s["task"] in cfg.oversample.split(",")]
+        if cfg.curriculum_iters > 0 and not self.easy:
+            raise ValueError(f"no training row has a task in curriculum_tasks={cfg.curriculum_tasks!r} "
+                             f"(rows name it in a 'task' field); set --curriculum_iters=0 for data without tasks")
+        self.per_step = cfg.batch_size * cfg.grad_accum
+        self.epoch = (None, None)  # ((warm-up?, epoch), its permutation)
+
+    def __len__(self):
+        return self.cfg.max_iters
+
+    def rows(self, step):
+        cfg, warm = self.cfg, step < self.cfg.curriculum_iters
+        start, pool = (0, self.easy) if warm else (cfg.curriculum_iters, self.everything)
+        sampler = torch.utils.data.DistributedSampler(pool, self.dp_size, self.dp_rank, shuffle=True, seed=cfg.seed,
+                                                      drop_last=True)
+        per_epoch = len(sampler) // self.per_step
         if per_epoch == 0:
-            raise ValueError(f"{len(pool)} training samples are fewer than one step needs ({per_step * dp_size})")
+            raise ValueError(f"{len(pool)} training samples are fewer than one step needs ({self.per_step * self.dp_size})")
         epoch, k = divmod(step - start, per_epoch)
-        sampler.set_epoch(epoch)
-        idx = [pool[j] for j in list(sampler)[k * per_step:(k + 1) * per_step]]
-        yield [collate([ds[i] for i in idx[m:m + cfg.batch_size]], pad_id, fixed)
-               for m in range(0, per_step, cfg.batch_size)]
-        step += 1
+        if self.epoch[0] != (warm, epoch):
+            sampler.set_epoch(epoch)
+            self.epoch = ((warm, epoch), [pool[j] for j in sampler])
+        return self.epoch[1][k * self.per_step:(k + 1) * self.per_step]
+
+    def __getitem__(self, step):
+        idx, b = self.rows(step), self.cfg.batch_size
+        fixed = self.cfg.max_len if self.cfg.num_stages > 1 else None  # the pipeline sends static shapes
+        with torch.random.fork_rng(devices=[]):  # augmentation drawn from (seed, step, rank): the same in any worker
+            torch.manual_seed(hash((self.cfg.seed, step, self.dp_rank)) % 2 ** 63)
+            return [collate([self.ds[i] for i in idx[m:m + b]], self.pad_id, fixed) for m in range(0, len(idx), b)]
+
+
+def step_batches(cfg, ds, pad_id, dp_rank, dp_size, step, pin_memory=False):
+    """The microbatches of step, step+1, ..., max_iters - 1, built by cfg.num_workers background
+    processes (0: here, in order)."""
+    steps = StepBatches(cfg, ds, pad_id, dp_rank, dp_size)
+    if cfg.num_workers == 0:
+        return (steps[s] for s in range(step, len(steps)))
+    return iter(torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(step, len(steps)),
+                                            num_workers=cfg.num_workers, pin_memory=pin_memory, prefetch_factor=2))
 
 
 def lr_at(cfg, step):
@@ -441,7 +475,7 @@ def forward_backward(net, micro, count, ctx, device, dp_group=None):
     dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
     loss = torch.zeros((), device=device)
     for i, mb in enumerate(micro):
-        mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
+        mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
         # DDP averages gradients over ranks, but each rank's loss is already divided by the global
         # count: scale by dp_size so the average is the sum. Sync only after the last microbatch.
         sync = net.no_sync() if dp_group is not None and i < len(micro) - 1 else nullcontext()
@@ -547,7 +581,7 @@ def train(cfg):
               f"{len(val_ds) if val_ds else 0} held-out samples, {dp_size} data-parallel x {cfg.num_stages} "
               f"stage(s), {'bf16' if bf16 else 'fp32'} on {device.type}, out_dir {cfg.out_dir}")
     log, stop, good_step, acc = Log(cfg, step, master), Interrupt(), step, {}
-    batches = step_batches(cfg, train_ds, tok.token_id("<|endoftext|>"), dp_rank, dp_size, step)
+    batches = step_batches(cfg, train_ds, tok.token_id("<|endoftext|>"), dp_rank, dp_size, step, device.type == "cuda")
     t0, c0, tokens = time.time(), time.process_time(), 0
 
     def run_eval():

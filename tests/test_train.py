@@ -82,6 +82,34 @@ def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
     assert first + rest == full  # bit-identical losses, steps 1..12
 
 
+def test_background_workers_give_the_same_run_and_the_same_errors(tmp_path):
+    """Batches built by 2 DataLoader workers: the same losses as in-process, an exact resume, and a
+    bad image reported with its row and file as without workers. Augmentation is on: its draws
+    depend on (seed, step, rank) only, so a worker draws what the training process would."""
+    args = lambda out, **kw: tiny_args(tmp_path, out, **{"max_iters": 6, "ckpt_every": 3, "augment": True, **kw})
+    here, _ = train.train(train.parse_args(args("here")))
+    there, _ = train.train(train.parse_args(args("workers", num_workers=2)))
+    assert there == here
+    first, _ = train.train(train.parse_args(args("resumed", num_workers=2, max_iters=3)))
+    rest, _ = train.train(train.parse_args(args("resumed", num_workers=2) + ["--resume"]))
+    assert first + rest == here
+    cfg = train.parse_args(args("bad", num_workers=2))
+    torch.manual_seed(0)
+    model, tok = train.build(cfg, train.datasets(cfg))
+    ds = train.datasets(cfg, tok, model.config)[0]
+    first_rows = train.StepBatches(cfg, ds, 0, 0, 1).rows(0)
+    broken = ds.samples[first_rows[0]]["media"][0]
+    with open(broken, "r+b") as f:  # truncate an image the first step needs
+        f.truncate(40)
+    with pytest.raises(ValueError) as here_error:
+        next(train.step_batches(train.parse_args(args("bad")), ds, 0, 0, 1, 0))
+    with pytest.raises(ValueError) as worker_error:
+        next(train.step_batches(cfg, ds, 0, 0, 1, 0))
+    msg = str(here_error.value)
+    assert msg == f"{ds.json_path} row {ds.samples[first_rows[0]]['row']}: not an image file (unrecognised format): {broken}"
+    assert msg in str(worker_error.value) and "DataLoader worker process" in str(worker_error.value)
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     args = tiny_args(tmp_path, ckpt_every=4)
     forward = MultimodalLM.forward
