@@ -27,7 +27,8 @@ from qformer import QFormer, QFormerConfig
 from qwen import IGNORE, Qwen, QwenConfig, loss_sum
 from vit import EVAViT, ViTConfig, interpolate_pos_embed
 
-LLMS = {"qwen": (QwenConfig, Qwen), "phi": (PhiConfig, Phi)}
+# llm_type -> (config, model); 'llama' is qwen.py's third layout, its own type for its own chat template
+LLMS = {"qwen": (QwenConfig, Qwen), "phi": (PhiConfig, Phi), "llama": (QwenConfig, Qwen)}
 PARTS = ("vit", "qformer", "proj", "llm")
 # The frozen parts of the two public training stages (MPP-Qwen-Next); the queries and ln_vision
 # belong to the Q-Former. The toy trains from scratch with nothing frozen.
@@ -137,6 +138,10 @@ MM_PRESETS = {
     # (51200 rows); the tokenizer must give the image token that id
     "tinygpt-v": dict(vit="eva_vit_g", qformer="blip2", llm_type="phi", llm="tinygptv", proj="mlp2",
                       freeze="pretrain", image_token_id=50295),
+    # MiniGPT-4 (Vicuna v0 7B): llm_proj 768 -> 4096; Vicuna has no spare embedding row, so the image
+    # slot shares <unk>'s id 0, which byte-fallback text never produces (convert.tokenizer_from_hf)
+    "minigpt4-vicuna7b": dict(vit="eva_vit_g", qformer="blip2", llm_type="llama", llm="vicuna-7b",
+                              freeze="pretrain", image_token_id=0),
 }
 
 
@@ -220,25 +225,27 @@ class MultimodalLM(nn.Module):
         ckpt.write_dir(d, {**self.files(**sections), **(extra or {})})
 
     @classmethod
-    def from_state(cls, state, config, dtype=torch.float32):
+    def from_state(cls, state, config, dtype=torch.float32, lazy=False):
         """Build from a state dict and a config dict (MMConfig.to_dict) on the meta device, so the
         (memory-mapped) weights are adopted, not copied; every key and shape checked. The model is
-        in `dtype` whatever the file holds: fp32 master weights for training, bf16 to chat."""
+        in `dtype` whatever the file holds: fp32 master weights for training, bf16 to chat.
+        lazy=True returns (the model still on the meta device, state): a pipeline stage slices it
+        and loads only its own keys, so no other stage's tensor is ever read or cast."""
         with torch.device("meta"):  # no random init, no memory: load_into puts the real tensors in
             model = cls(MMConfig.from_dict(config)).to(dtype)
-        return ckpt.load_into(model, state, cast=True)
+        return (model, state) if lazy else ckpt.load_into(model, state, cast=True)
 
     @classmethod
-    def from_checkpoint(cls, d, dtype=torch.float32, **overrides):
+    def from_checkpoint(cls, d, dtype=torch.float32, lazy=False, **overrides):
         """From a directory written by `save` (or a training run's, following `latest`); `overrides`
         replace config fields (e.g. freeze='sft')."""
         state, cfg = ckpt.load(d)
         if "model" not in cfg:
             raise ckpt.CheckpointError(f"{d}/config.json has no 'model' section: not a nanoMPP multimodal checkpoint")
-        return cls.from_state(state, {**cfg["model"], **overrides}, dtype)
+        return cls.from_state(state, {**cfg["model"], **overrides}, dtype, lazy)
 
     @classmethod
-    def from_parts(cls, vision, llm, proj=None, dtype=torch.float32, image_size=None, **overrides):
+    def from_parts(cls, vision, llm, proj=None, dtype=torch.float32, image_size=None, lazy=False, **overrides):
         """Assemble converted public pieces (convert.py output): `vision` = one or more vision
         directories (eva_vit_g, blip2_lavis, blip2_hf) that together hold vit.* and qformer.*;
         `llm` = a qwen1/qwen2/phi directory; `proj` = a converted MiniGPT4Qwen checkpoint (stage 1:
@@ -268,7 +275,7 @@ class MultimodalLM(nn.Module):
             with torch.device("cpu"):
                 fresh = cls.proj_module(config)
             state.update({"llm_proj." + k: t for k, t in fresh.state_dict().items()})
-        return cls.from_state(state, config.to_dict(), dtype)
+        return cls.from_state(state, config.to_dict(), dtype, lazy)
 
     @staticmethod
     def proj_module(config):

@@ -395,10 +395,13 @@ class PipelineRunner(PipelineEngine):
     embed_tokens (the image splice happens there), the last keeps norm and lm_head (and the loss);
     every stage keeps its decoder blocks under their original names (llm.layers.<i>). `.module` is
     the sliced model: give its parameters to the optimizer. Microbatches are dicts from
-    data.collate with a fixed length; every stage of a replica gets the same ones."""
+    data.collate with a fixed length; every stage of a replica gets the same ones.
+    With `state` (MultimodalLM.from_*(lazy=True)), `model` is on the meta device and only this
+    stage's tensors are read from the (memory-mapped) state and cast: a rank holds its share of
+    the model, never the whole of it."""
 
     def __init__(self, model, num_stages, schedule="1f1b", pp_group=None, dp_group=None, first_stage_share=None,
-                 device=None, seq_len=512, timeout=60.0):
+                 device=None, seq_len=512, timeout=60.0, state=None):
         stage = dist.get_rank(pp_group)
         if dist.get_world_size(pp_group) != num_stages:
             raise ValueError(f"pp_group has {dist.get_world_size(pp_group)} ranks, num_stages is {num_stages}")
@@ -407,11 +410,15 @@ class PipelineRunner(PipelineEngine):
         self.ranges = split_layers(len(llm.layers), num_stages, *stage_costs(model, seq_len), first_stage_share)
         lo, hi = self.ranges[stage]
         blocks = nn.ModuleDict({str(i): llm.layers[i] for i in range(lo, hi)})
+        if state is not None:  # before slicing: a tied head's tensor is the embedding's, stored once
+            state = {**{a: state[c] for a, c in ckpt.aliases(model).items() if c in state}, **state}
         if not first:
             model.vit, model.qformer, model.llm_proj, llm.embed_tokens = Elsewhere(), Elsewhere(), Elsewhere(), Elsewhere()
         if not last:
             llm.norm, llm.lm_head = Elsewhere(), Elsewhere()
         llm.layers = blocks
+        if state is not None:
+            ckpt.load_into(model, {k: state[k] for k in model.state_dict() if k in state}, cast=True)
         model.to(device or next(model.parameters()).device)
         dtype = next(model.parameters()).dtype
         super().__init__(model, pp_group, dp_group, act_shape=lambda mb: (*mb["input_ids"].shape, llm.config.n_embd),

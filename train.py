@@ -210,11 +210,14 @@ def toy_init(model):
     model.vit.pos_embed.copy_(sincos_2d(model.vit.config.grid, model.vit.config.width))
 
 
-def build(cfg, words):
-    """(model, tokenizer) from the config: the toy from scratch, or converted checkpoints."""
+def build(cfg, words, lazy=False):
+    """(model, tokenizer, state) from the config: the toy from scratch (state None), or converted
+    checkpoints. lazy (a pipeline run): a model built from checkpoints stays on the meta device and
+    `state` holds its memory-mapped tensors, for PipelineRunner to load only its stage's keys."""
     overrides = dict(loss_norm=cfg.loss_norm, **({"freeze": freeze_arg(cfg.freeze)} if cfg.freeze else {}))
+    state = None
     if cfg.init:
-        model = MultimodalLM.from_checkpoint(cfg.init, **overrides)
+        model = MultimodalLM.from_checkpoint(cfg.init, lazy=lazy, **overrides)
         tok = Tokenizer.load(cfg.tokenizer or cfg.init)
     elif cfg.model == "toy":
         tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else Tokenizer.toy(words + ["You", "helpful", "Img"])
@@ -224,11 +227,14 @@ def build(cfg, words):
         tok = Tokenizer.load(cfg.tokenizer)
         preset = MMConfig.preset(cfg.model)
         model = MultimodalLM.from_parts(cfg.init_vision.split(","), cfg.init_llm, cfg.init_proj or None,
-                                        image_size=cfg.image_size, llm_type=preset.llm_type, proj=preset.proj, proj_hidden=preset.proj_hidden,
-                                        image_token_id=tok.token_id(IMAGE_TOKEN), **overrides)
+                                        image_size=cfg.image_size, llm_type=preset.llm_type, proj=preset.proj,
+                                        proj_hidden=preset.proj_hidden, image_token_id=tok.token_id(IMAGE_TOKEN),
+                                        lazy=lazy, **overrides)
+    if isinstance(model, tuple):
+        model, state = model
     if cfg.grad_checkpointing:
         model.vit.grad_checkpointing = model.llm.grad_checkpointing = True
-    return model, tok
+    return model, tok, state
 
 
 def freeze_arg(text):
@@ -560,12 +566,14 @@ def train(cfg):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()  # the one autocast
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model, tok = build(cfg, datasets(cfg) if cfg.model == "toy" and not cfg.tokenizer else [])
-    model.to(device)
+    model, tok, state = build(cfg, datasets(cfg) if cfg.model == "toy" and not cfg.tokenizer else [], cfg.num_stages > 1)
+    if state is None:
+        model.to(device)
     train_ds, val_ds, chance = datasets(cfg, tok, model.config)
     runner = None
-    if cfg.num_stages > 1:  # slices the model in place: this rank keeps its stage
-        runner = PipelineRunner(model, cfg.num_stages, cfg.schedule, pp_group, dp_group, device=device, seq_len=cfg.max_len)
+    if cfg.num_stages > 1:  # slices the model in place: this rank keeps (and loads) its stage only
+        runner = PipelineRunner(model, cfg.num_stages, cfg.schedule, pp_group, dp_group, device=device,
+                                seq_len=cfg.max_len, state=state)
     module = model if runner is None else runner.module
     opt = optimizer(cfg, module)
     step = resume(cfg, model, opt, runner) if cfg.resume else 0

@@ -401,3 +401,48 @@ def test_multimodal_pipeline_equals_one_process(tmp_path):
     """Images + masked labels + padding through MultimodalLM stages: loss, clipped gradients, frozen
     parts, tied embeddings, two steps; then stage shards merge into the one-process state."""
     spawn(_model_cases, 4, str(tmp_path))
+
+
+class Reads(dict):
+    """A state dict that records which keys were read."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _stage_from_checkpoint(rank, world, ckpt_dir):
+    import ckpt
+    from model import MultimodalLM
+    from pipeline import PipelineRunner
+    pp, dpg = make_groups(2, 30)
+    model, state = MultimodalLM.from_checkpoint(ckpt_dir, lazy=True)
+    state = Reads(state)
+    runner = PipelineRunner(model, 2, "1f1b", pp, dpg, timeout=30, state=state)
+    full = MultimodalLM.from_checkpoint(ckpt_dir).state_dict()
+    mine = runner.module.state_dict()
+    assert all(torch.equal(v, full[k]) for k, v in mine.items()), rank  # the same weights as one process
+    lo, hi = runner.ranges[rank]
+    blocks = {f"llm.layers.{i}." for i in range(lo, hi)}
+    for key in state.read:  # nothing of the other stage was read from the file
+        owned = key.startswith(tuple(blocks)) or (rank == 0 and key.startswith(("vit.", "qformer.", "llm_proj.",
+                                                                               "llm.embed_tokens.")))
+        owned = owned or (rank == 1 and key.startswith(("llm.norm.", "llm.lm_head.", "llm.embed_tokens.")))
+        assert owned, f"stage {rank} read {key}"
+    share = sum(v.numel() for v in ckpt.state_of(runner.module).values())
+    assert share < sum(v.numel() for k, v in full.items() if k != "llm.lm_head.weight"), rank
+    assert all(not t.is_meta for t in mine.values())
+
+
+def test_a_stage_loads_only_its_own_tensors_from_a_checkpoint(tmp_path):
+    """MultimodalLM.from_checkpoint(lazy=True) + PipelineRunner(state=...): each of 2 ranks reads and
+    casts only its stage's keys of the memory-mapped file (the tied head from the embedding's
+    tensor), and holds exactly the one-process model's weights for them."""
+    from model import MultimodalLM
+    torch.manual_seed(0)
+    MultimodalLM(mm_config()).save(str(tmp_path / "ck"))  # Qwen tiny: tied embeddings
+    spawn(_stage_from_checkpoint, 2, str(tmp_path / "ck"))

@@ -95,7 +95,7 @@ def test_background_workers_give_the_same_run_and_the_same_errors(tmp_path):
     assert first + rest == here
     cfg = train.parse_args(args("bad", num_workers=2))
     torch.manual_seed(0)
-    model, tok = train.build(cfg, train.datasets(cfg))
+    model, tok, _ = train.build(cfg, train.datasets(cfg))
     ds = train.datasets(cfg, tok, model.config)[0]
     first_rows = train.StepBatches(cfg, ds, 0, 0, 1).rows(0)
     broken = ds.samples[first_rows[0]]["media"][0]
@@ -250,7 +250,7 @@ def test_evaluate_cuts_answers_by_the_models_template(tmp_path, llm_type, monkey
     <|endoftext|>) and generation stops on its stop tokens."""
     cfg = train.parse_args(tiny_args(tmp_path))
     torch.manual_seed(0)
-    model, tok = train.build(cfg, train.datasets(cfg))
+    model, tok, _ = train.build(cfg, train.datasets(cfg))
     if llm_type == "phi":
         llm = PhiConfig(**{**PhiConfig.preset("tiny").__dict__, "vocab_size": model.config.llm.vocab_size})
         model = MultimodalLM(MMConfig(vit=model.config.vit, qformer=model.config.qformer, llm=llm, llm_type="phi",
@@ -277,7 +277,7 @@ def test_evaluate_cuts_answers_by_the_models_template(tmp_path, llm_type, monkey
 def setup(tmp_path):
     cfg = train.parse_args(tiny_args(tmp_path))
     torch.manual_seed(0)
-    model, tok = train.build(cfg, train.datasets(cfg))
+    model, tok, _ = train.build(cfg, train.datasets(cfg))
     ds = train.datasets(cfg, tok, model.config)[0]
     return cfg, model, [ds[i] for i in range(8)], tok.token_id("<|endoftext|>")
 
