@@ -2,11 +2,14 @@
 Benchmarks: nanoMPP side by side with the HF `transformers` reference, in one run, with ratios.
 
     python bench.py decode     # greedy decode tokens/s: qwen.py vs transformers generate
+    python bench.py load       # peak RSS while converting and loading 0.5B
     python bench.py vision     # ViT + Q-Former forward time
     python bench.py pipeline   # our GPipe/1F1B vs torch.distributed.pipelining
     python bench.py chat       # time to first token and tokens/s for image chat
 
-Timings are medians over repeats after warm-up; ratio > 1.0 means nanoMPP is faster.
+Timings are medians over repeats after warm-up; ratio > 1.0 means nanoMPP is faster. Both sides of
+a row are built in the row's dtype, and check_dtypes asserts it (parameters, and the activations
+entering the LLM during the warm-up) before anything is timed.
 """
 import sys
 import time
@@ -14,17 +17,42 @@ import statistics
 
 import torch
 
+from ckpt import few
 
-def timeit(fn, repeat=5, warmup=1):
-    """Median wall time of fn() in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+def check_dtypes(dtype, **sides):
+    """Refuse to time a mislabelled row (a bf16 chat row once timed our model in fp32). Each side
+    is name=(model, entry, run): every floating-point parameter of `model` must be `dtype`, and,
+    when `entry` is given, so must the activations entering it (the LLM's first block) during
+    run(), the side's warm-up. All parameters are checked before anything runs. Returns {name: run()}."""
+    want = str(dtype).removeprefix("torch.")
+    for side, (model, _, _) in sides.items():
+        bad = {}
+        for n, p in model.named_parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                bad.setdefault(str(p.dtype).removeprefix("torch."), []).append(n)
+        if bad:
+            raise AssertionError(f"{side}: row dtype {want}, but parameters in " +
+                                 "; ".join(f"{d}: {few(names)}" for d, names in bad.items()))
+    out = {}
+    for side, (model, entry, run) in sides.items():
+        where, seen = next((n for n, m in model.named_modules() if m is entry), type(entry).__name__), []
+
+        def hook(module, args, kwargs, side=side, where=where, seen=seen):
+            x = args[0] if args else kwargs["hidden_states"]
+            seen.append(x.dtype)
+            if x.dtype != dtype:  # raise here: the block itself may fail on the mixed dtypes
+                raise AssertionError(f"{side}: row dtype {want}, but activations entering {where} in "
+                                     f"{str(x.dtype).removeprefix('torch.')}")
+        handle = entry.register_forward_pre_hook(hook, with_kwargs=True) if entry is not None else None
+        try:
+            out[side] = run() if run is not None else None
+        finally:
+            if handle is not None:
+                handle.remove()
+        if entry is not None and not seen:
+            raise AssertionError(f"{side}: no activations entered {where} during the warm-up")
+    return out
 
 
 def hf_qwen2_config(c):
@@ -83,18 +111,21 @@ def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtyp
           f"{'cpu: ours/hf':>13} {'ours/floor':>10}  same tokens")
     for preset in presets.split(","):
         for dtype in dtypes.split(","):
-            ref, ours = _decode_pair(preset, getattr(torch, dtype))
+            dt = getattr(torch, dtype)
+            ref, ours = _decode_pair(preset, dt)
             idx = torch.randint(0, ours.config.vocab_size, (1, prompt_len))
             ones = torch.ones_like(idx)
             fns = {
-                "ours": lambda: ours.generate(idx, max_new_tokens=n),
+                "ours": lambda: torch.tensor(ours.generate(idx, max_new_tokens=n)),
                 "hf": lambda: ref.generate(idx, attention_mask=ones, max_new_tokens=n, do_sample=False,
                                            pad_token_id=0)[:, prompt_len:],
                 "floor": _floor(ours, prompt_len, n),
             }
             wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
             with torch.no_grad():
-                same = torch.equal(fns["ours"](), fns["hf"]())  # also the warm-up
+                out = check_dtypes(dt, ours=(ours, ours.layers[0], fns["ours"]),  # also the warm-up
+                                   hf=(ref, ref.model.layers[0], fns["hf"]))
+                same = torch.equal(out["ours"], out["hf"])
                 fns["floor"]()
                 for _ in range(repeat):
                     for k, fn in fns.items():
@@ -117,21 +148,30 @@ def _vm(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def _peak_rss_child(mode, src, dst):
-    """Run in a fresh process: peak RSS (MB) above the post-import RSS for one loading job."""
+def _load_side(mode, src, dst, dtype):
+    """One loading job: 'convert' (HF dir -> our checkpoint; None), 'ours' or 'hf' (the model)."""
     import convert
     import transformers
     from model import load_llm
+    if mode == "convert":
+        return convert.convert_qwen2(src, dst)
+    if mode == "ours":
+        return load_llm(dst)  # in the dtype the file holds: the row's, if convert kept it
+    return transformers.Qwen2ForCausalLM.from_pretrained(src, dtype=dtype)
+
+
+def _peak_rss_child(mode, src, dst, dtype):
+    """Run in a fresh process: peak RSS (MB) above the post-import RSS for one loading job."""
+    import convert  # noqa: F401  (imported before the baseline RSS is read)
+    import model  # noqa: F401
+    import transformers  # noqa: F401
+    dtype = getattr(torch, dtype)
     base = _vm("VmRSS")
     with torch.no_grad():
-        if mode == "convert":  # HF dir -> our checkpoint
-            convert.convert_qwen2(src, dst)
-        elif mode == "ours":  # our checkpoint -> model, then touch every weight
-            model = load_llm(dst)
-            sum(float(p.float().sum()) for p in model.parameters())
-        else:  # the reference: transformers from_pretrained, every weight touched
-            model = transformers.Qwen2ForCausalLM.from_pretrained(src)
-            sum(float(p.float().sum()) for p in model.parameters())
+        llm = _load_side(mode, src, dst, dtype)
+        if llm is not None:
+            check_dtypes(dtype, **{mode: (llm, None, None)})
+            sum(float(p.float().sum()) for p in llm.parameters())  # touch every weight
     print(_vm("VmHWM") - base)
 
 
@@ -150,7 +190,7 @@ def bench_load(preset="qwen2.5-0.5b", dtype="bfloat16"):
         for mode, what in [("convert", "python convert.py qwen2 (HF dir -> ours)"),
                            ("ours", "model.load_llm + touch every weight"),
                            ("hf", "transformers from_pretrained + touch every weight")]:
-            code = f"import bench; bench._peak_rss_child({mode!r}, {src!r}, {dst!r})"
+            code = f"import bench; bench._peak_rss_child({mode!r}, {src!r}, {dst!r}, {dtype!r})"
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  cwd=os.path.dirname(os.path.abspath(__file__)))
             mb = float(out.stdout.split()[-1])
@@ -158,8 +198,9 @@ def bench_load(preset="qwen2.5-0.5b", dtype="bfloat16"):
 
 # --- vision ---
 
-def _vision_pair(vit_cfg, qformer_cfg):
-    """Our vit+qformer and an HF Blip2Model (tiny OPT text side, unused) holding the same weights."""
+def _vision_pair(vit_cfg, qformer_cfg, dtype):
+    """Our vit+qformer and an HF Blip2Model (tiny OPT text side, unused) holding the same random
+    weights in `dtype` (ours adopts the reference's tensors)."""
     from transformers import Blip2Config, Blip2Model, OPTConfig
     import ckpt
     import convert
@@ -179,10 +220,14 @@ def _vision_pair(vit_cfg, qformer_cfg):
             if p.dim() >= 2:
                 p.normal_(0, 0.02)
     hf.vision_model.post_layernorm.eps = 1e-5  # as LAVIS's ln_vision (HF reuses the ViT's 1e-6)
-    ours = torch.nn.Module()
-    ours.vit, ours.qformer = EVAViT(vit_cfg), QFormer(qformer_cfg)
-    ckpt.load_into(ours, convert.vision_state(hf.state_dict(), "blip2_hf", vit_cfg), cast=True)  # pos_embed: fp32 from the resize
-    return ours.eval(), hf
+    hf = hf.to(dtype)
+    with torch.device("meta"):
+        ours = torch.nn.Module()
+        ours.vit, ours.qformer = EVAViT(vit_cfg), QFormer(qformer_cfg)
+        ours = ours.to(dtype)
+    state = convert.vision_state(hf.state_dict(), "blip2_hf", vit_cfg)
+    state["vit.pos_embed"] = state["vit.pos_embed"].to(dtype)  # the resize computes in fp32
+    return ckpt.load_into(ours, state).eval(), hf
 
 
 def bench_vision(which="all"):
@@ -199,17 +244,18 @@ def bench_vision(which="all"):
     for name, (vit_cfg, qformer_cfg, batches) in setups.items():
         if which not in ("all", name):
             continue
-        ours, hf = _vision_pair(vit_cfg, qformer_cfg)
         for dtype in (torch.float32, torch.bfloat16):
-            ours.to(dtype), hf.to(dtype)
+            ours, hf = _vision_pair(vit_cfg, qformer_cfg, dtype)
             for b in batches:
                 x = torch.randn(b, 3, 224, 224, dtype=dtype)
+                fns = {"ours": lambda: ours.qformer(ours.vit(x)), "hf": lambda: hf.get_qformer_features(x)}
                 with torch.inference_mode():
-                    diff = (ours.qformer(ours.vit(x)).float() - hf.get_qformer_features(x).float()).abs().max().item()
+                    out = check_dtypes(dtype, ours=(ours, ours.vit.blocks[0], fns["ours"]),  # also the warm-up
+                                       hf=(hf, hf.vision_model.encoder.layers[0], fns["hf"]))
+                    diff = (out["ours"].float() - out["hf"].float()).abs().max().item()
                     # Alternate the two so that load from other processes hits both alike; also take
                     # CPU time, which a busy shared machine distorts less than wall time.
                     t = {"ours": [], "hf": []}
-                    fns = {"ours": lambda: ours.qformer(ours.vit(x)), "hf": lambda: hf.get_qformer_features(x)}
                     for _ in range(1 if name == "eva" else 3):
                         for side, fn in fns.items():
                             w0, c0 = time.perf_counter(), time.process_time()
@@ -218,37 +264,32 @@ def bench_vision(which="all"):
                 (wo, co), (wh, ch) = [[statistics.median(v) for v in zip(*t[side])] for side in ("ours", "hf")]
                 print(f"{name:6} {str(dtype)[6:]:9} {b:5d} {wo * 1e3:9.0f} {wh * 1e3:9.0f} {wh / wo:6.2f}"
                       f" {co * 1e3:9.0f} {ch * 1e3:9.0f} {ch / co:6.2f}  max|diff| {diff:.1e}", flush=True)
-        del ours, hf
+            del ours, hf
 
 # --- pipeline ---
 
-def _pipeline_worker(rank, port, steps, warmup, m):
-    """One of 2 gloo processes: our 1F1B/GPipe and torch.distributed.pipelining's on the same stages."""
-    import os
-    import torch.distributed as dist
-    from datetime import timedelta
+def _pipeline_pair(rank, dtype, m, b=2, T=128, n_layer=8, width=256):
+    """Stage `rank` of 2 (the gloo process group is up): one MultimodalLM stage in `dtype` (tiny
+    vision, n_layer Qwen blocks), run by our PipelineRunner and by torch.distributed.pipelining's
+    1F1B/GPipe, on m microbatches of b x T tokens. -> (our runner, run(impl), check_dtypes sides)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     from model import MMConfig, MultimodalLM, loss_sum, supervised_count
     from pipeline import PipelineRunner, make_groups
     from qformer import QFormerConfig
     from qwen import QwenConfig
     from vit import ViTConfig
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
     # each implementation on its own group: gloo matches messages per pair and group in order
     (ours_pp, dp), torch_pp = make_groups(2, 120), {s: make_groups(2, 120)[0] for s in ("1f1b", "gpipe")}
     torch.manual_seed(0)
-    llm = QwenConfig(vocab_size=2048, n_layer=8, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=704,
-                     tie_embeddings=False)  # torch's stages would not sum tied gradients
+    llm = QwenConfig(vocab_size=2048, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=width,
+                     intermediate_size=width * 11 // 4, tie_embeddings=False)  # torch's stages would not sum tied gradients
     cfg = MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny"), llm=llm, freeze="sft",
                    image_token_id=5)
-    runner = PipelineRunner(MultimodalLM(cfg), 2, "1f1b", ours_pp, dp, timeout=120)
-    b, T = 2, 128
+    runner = PipelineRunner(MultimodalLM(cfg).to(dtype), 2, "1f1b", ours_pp, dp, timeout=120)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(6, 2048, (m * b, T), generator=g)
     ids[:, 1:9] = 5  # one image (8 query tokens) per sequence
-    images = torch.randn(m * b, 3, 56, 56, generator=g)
+    images = torch.randn(m * b, 3, 56, 56, generator=g).to(dtype)
     labels = ids.masked_fill(torch.rand(m * b, T, generator=g) < 0.5, -100)
     count = supervised_count(dict(labels=labels))
     mbs = [dict(input_ids=ids[j * b:(j + 1) * b], images=images[j * b:(j + 1) * b], labels=labels[j * b:(j + 1) * b])
@@ -277,7 +318,29 @@ def _pipeline_worker(rank, port, steps, warmup, m):
         else:
             scheds[schedule].step(target=labels, losses=[])
 
+    first = next(iter(runner.module.llm.layers.values()))  # this stage's first block
+    sides = dict(ours=(runner.module, first, lambda: run("ours 1f1b")),
+                 torch=(wrapped, first, lambda: run("torch 1f1b")))
+    return runner, run, sides
+
+
+def _pipeline_worker(rank, port, steps, warmup, m):
+    """One of 2 gloo processes: our 1F1B/GPipe and torch.distributed.pipelining's on the same stages."""
+    import os
+    import torch.distributed as dist
+    from datetime import timedelta
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
+    b, T, dtype = 2, 128, torch.float32
+    runner, run, sides = _pipeline_pair(rank, dtype, m, b, T)
     params = [p for p in runner.module.parameters() if p.requires_grad]
+
+    def clear():
+        for p in params:
+            p.grad = None
+    check_dtypes(dtype, **sides)  # also the warm-up
+    clear()
     impls = ["ours 1f1b", "torch 1f1b", "ours gpipe", "torch gpipe"]
     worst = torch.zeros(2, dtype=torch.float64)
     for j, schedule in enumerate(("1f1b", "gpipe")):  # equal gradients first
@@ -285,8 +348,7 @@ def _pipeline_worker(rank, port, steps, warmup, m):
         for who in ("ours", "torch"):
             run(f"{who} {schedule}")
             grads.append([p.grad.clone() for p in params])
-            for p in params:
-                p.grad = None
+            clear()
         worst[j] = max(((a - c).abs().max() / c.abs().max()).item() for a, c in zip(*grads))
     times = {impl: [] for impl in impls}
     stats = {impl: [] for impl in impls if impl.startswith("ours")}
@@ -297,8 +359,7 @@ def _pipeline_worker(rank, port, steps, warmup, m):
             run(impl)
             dt = time.perf_counter() - t0
             dist.barrier()
-            for p in params:
-                p.grad = None
+            clear()
             if step >= warmup:
                 times[impl].append(dt)
                 if impl in stats:
@@ -316,8 +377,8 @@ def _pipeline_worker(rank, port, steps, warmup, m):
         med = {impl: statistics.median(t[k].tolist()) for k, impl in enumerate(impls)}
         p = 2
         print(f"pipeline: p=2 stages on 2 gloo processes, 1 thread each; MultimodalLM (tiny vision, 8 Qwen blocks "
-              f"of width 256), m={m} microbatches of {b} x {T} tokens; median of {steps} steps after {warmup} "
-              f"warm-up, step time = slowest rank")
+              f"of width 256) in {str(dtype)[6:]}, m={m} microbatches of {b} x {T} tokens; median of {steps} steps "
+              f"after {warmup} warm-up, step time = slowest rank")
         print(f"gradients ours vs torch: max |diff| / max |grad| = {worst[0]:.1e} (1F1B), {worst[1]:.1e} (GPipe)")
         print(f"{'schedule':9} {'ours ms':>8} {'torch ms':>9} {'ratio':>6}  {'bubble measured (r0, r1)':>25}  (p-1)/(m+p-1)")
         for k, s in enumerate(("1f1b", "gpipe")):
@@ -412,10 +473,11 @@ def bench_chat(new_tokens="32", repeat="5", models="toy,qwen2.5-0.5b", dtypes="f
           f"{'cpu ratio':>9} {'tok/s ours':>10} {'hf':>7} {'ratio':>6} {'cpu ratio':>9}  same tokens")
     for name in models.split(","):
         for dtype in dtypes.split(","):
-            ours, hf = _chat_pair(name, getattr(torch, dtype))
+            dt = getattr(torch, dtype)
+            ours, hf = _chat_pair(name, dt)
             cfg = ours.config
             ids = _chat_prompt(cfg)
-            pixels = torch.randn(1, 3, cfg.vit.img_size, cfg.vit.img_size).to(getattr(torch, dtype))
+            pixels = torch.randn(1, 3, cfg.vit.img_size, cfg.vit.img_size).to(dt)
 
             class Streamer:  # records when each token arrives (HF calls put() with the prompt first)
                 def __init__(self):
@@ -443,7 +505,9 @@ def bench_chat(new_tokens="32", repeat="5", models="toy,qwen2.5-0.5b", dtypes="f
             runs = {"ours": run_ours, "hf": run_hf}
             ttft, step = {k: ([], []) for k in runs}, {k: ([], []) for k in runs}  # (wall, cpu) seconds
             with torch.inference_mode():
-                toks = {k: fn()[1].toks for k, fn in runs.items()}  # also the warm-up
+                warm = check_dtypes(dt, ours=(ours, ours.llm.layers[0], run_ours),  # also the warm-up
+                                    hf=(hf, hf.language_model.model.layers[0], run_hf))
+                toks = {k: s.toks for k, (_, s) in warm.items()}
                 for _ in range(repeat):
                     for k, fn in runs.items():
                         t0, s = fn()
@@ -457,6 +521,115 @@ def bench_chat(new_tokens="32", repeat="5", models="toy,qwen2.5-0.5b", dtypes="f
                   f"{d['hf'][0] / d['ours'][0]:5.2f}x {d['hf'][1] / d['ours'][1]:8.2f}x  {toks['ours'] == toks['hf']}",
                   flush=True)
             del ours, hf
+
+
+def bench_serve(new_tokens="32", repeat="20", clients="4", threads="1"):
+    """serve.py over loopback HTTP vs the same Engine called in-process, on a random toy (one 32 px
+    image + a question, greedy, `new_tokens` long): time to first token (streamed)
+    and requests/s (sequential, then `clients` at once), medians of `repeat`; ratio = in-process
+    time / HTTP time (1.0x: HTTP costs nothing)."""
+    import base64
+    import http.client
+    import io
+    import json
+    import os
+    import random
+    import shutil
+    import subprocess
+    import tempfile
+    import threading
+    import chat
+    import train
+    from model import MultimodalLM
+    from synthetic import one_shape_image
+    from tokenizer import Tokenizer
+    torch.set_num_threads(int(threads))
+    n, repeat, clients = int(new_tokens), int(repeat), int(clients)
+    d = tempfile.mkdtemp()
+    tok = Tokenizer.toy(["what", "colour", "is", "the", "shape", "red", "blue", "You", "helpful", "Img"])
+    model = MultimodalLM(train.toy_config(train.Config(max_len=512), tok)).eval()
+    model.save(d, train={"max_frames": 2})
+    tok.save(d)
+    png = io.BytesIO()
+    img = one_shape_image(random.Random(0), 32, "circle", "red")
+    img.save(png, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    question = "what colour is the shape?"
+    conf = {"max_new_tokens": n}  # greedy: the random toy repeats itself to the end
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                     {"type": "text", "text": question}]}],
+            "max_tokens": n}
+    # in-process: the Engine serve.py answers through, same settings
+    eng = chat.Engine(*chat.load(d))
+    turns = [("user", chat.placeholder(1) + " " + question)]
+
+    def local():
+        t0, first = time.perf_counter(), []
+        with torch.inference_mode():
+            ids = eng.encode(turns, question)
+            _, k, _ = eng.answer(ids, [eng.pixels([img])], lambda s: first or first.append(time.perf_counter()),
+                                 conf, seed=0)
+        return first[0] - t0, time.perf_counter() - t0, k
+
+    p = subprocess.Popen([sys.executable, "serve.py", "--ckpt", d, "--port", "0", "--threads", threads, "--quiet"],
+                         stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        port = int(p.stdout.readline().rsplit(":", 1)[1])
+
+        def remote(stream=True):
+            t0, first = time.perf_counter(), None
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            c.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": stream}))
+            r = c.getresponse()
+            if stream:
+                while line := r.readline():
+                    if first is None and line.startswith(b'data: {') and b'"content": "' in line and b'"role"' not in line:
+                        first = time.perf_counter()
+            data = r.read() if not stream else b""
+            c.close()
+            k = json.loads(data)["usage"]["completion_tokens"] if data else n
+            return (first or time.perf_counter()) - t0, time.perf_counter() - t0, k
+
+        def many(fn):  # `clients` threads, each running fn `repeat // clients` times: requests/s
+            t0 = time.perf_counter()
+            ts = [threading.Thread(target=lambda: [fn() for _ in range(max(1, repeat // clients))]) for _ in range(clients)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            return clients * max(1, repeat // clients) / (time.perf_counter() - t0)
+
+        lock = threading.Lock()  # in-process "clients" queue on one lock, as the server's do
+        runs = {"in-process": lambda stream=True: local(), "HTTP": remote}
+        for fn in runs.values():
+            fn(), fn()  # warm-up
+        ttft = {k: [] for k in runs}
+        total = {k: [] for k in runs}
+        for _ in range(repeat):
+            for k, fn in runs.items():
+                a, b, _ = fn()
+                ttft[k].append(a)
+                total[k].append(b)
+        tokens = local()[2], remote(stream=False)[2]
+
+        def locked():
+            with lock:
+                local()
+        rps = {"in-process": many(locked), "HTTP": many(lambda: remote(stream=False))}
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+    med = {k: (statistics.median(ttft[k]), statistics.median(total[k])) for k in runs}
+    print(f"toy (random weights), one 32 px image + question, {tokens[0]} / {tokens[1]} new tokens (in-process / HTTP), "
+          f"{threads} thread(s), median of {repeat}; ratio = in-process / HTTP")
+    print(f"{'':26} {'in-process':>10} {'HTTP':>8} {'ratio':>6}")
+    print(f"{'time to first token ms':26} {med['in-process'][0] * 1e3:10.1f} {med['HTTP'][0] * 1e3:8.1f} "
+          f"{med['in-process'][0] / med['HTTP'][0]:5.2f}x")
+    print(f"{'whole answer ms':26} {med['in-process'][1] * 1e3:10.1f} {med['HTTP'][1] * 1e3:8.1f} "
+          f"{med['in-process'][1] / med['HTTP'][1]:5.2f}x")
+    print(f"{f'requests/s, {clients} clients':26} {rps['in-process']:10.1f} {rps['HTTP']:8.1f} "
+          f"{rps['HTTP'] / rps['in-process']:5.2f}x")
+    shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ streamed token by token, Ctrl-C stops an answer, Ctrl-D (or :q) leaves.
 At start-up enter image or video paths one per line and `:f` to finish (none is fine); each input
 becomes its own `<Img>...</Img>` in the first question, a video as one placeholder per frame.
 `:h` lists the commands; `:add PATH` attaches another input to the next question.
+The Engine below (template, stop tokens, context limit, media, the streamed answer) is also what
+serve.py answers through.
 """
 import argparse
 import json
@@ -103,19 +105,107 @@ class _Stop(Exception):
     pass
 
 
-class Chat:
-    """The REPL's state and logic, driven one line at a time by `handle(line)` (False = leave).
-    Answers and listings go to `out`, one-line complaints about bad input to `err`."""
+def placeholder(n_frames):
+    """The text that stands for one input in a user turn: an image (1 frame) or a video's frames."""
+    return "<Img>" + IMAGE_HERE * n_frames + "</Img>"
 
-    def __init__(self, model, tok, out=sys.stdout, err=None, seed=0, max_frames=32):
-        self.model, self.tok, self.out, self.err, self.seed = model, tok, out, err or out, seed
-        self.max_frames = max_frames
+
+def held_back(text, stops):
+    """How many characters at the end of `text` could start one of the stop strings: not sent yet."""
+    return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+
+
+class Engine:
+    """A loaded model and what any conversation with it needs: its chat template, stop tokens and
+    context limit, media loading, and the one path from a prompt and pixels to a streamed answer.
+    The REPL (Chat, below) and serve.py both answer through it."""
+
+    def __init__(self, model, tok, max_frames=32):
+        self.model, self.tok, self.max_frames = model, tok, max_frames
         cfg = model.config
         self.template = LLM_TEMPLATES[cfg.llm_type]
         # embedding rows past the tokenizer (padding to a round size) decode to nothing: stop there
         self.stop_ids = ([tok.token_id(s) for s in TEMPLATES[self.template]["stops"]]
                          + list(range(tok.n_vocab, cfg.llm.vocab_size)))
         self.size, self.nq, self.context = cfg.vit.img_size, cfg.qformer.num_query, cfg.llm.max_seq_len
+
+    def pixels(self, frames):
+        """PIL images (an image, or a video's frames) -> [n, 3, S, S] as the model sees them."""
+        return torch.stack([preprocess(f, self.size) for f in frames])
+
+    def load(self, path, kind):
+        """An image or video file -> pixels; ValueError or OSError naming the file."""
+        return self.pixels(load_video(path, self.max_frames) if kind == "video" else [load_image(path)])
+
+    def encode(self, turns, question):
+        """The prompt ids for `turns` (the last one the user's, `question` its text without the
+        placeholders); ChatError if it leaves no room for an answer."""
+        if IMAGE_HERE in question:
+            raise ChatError(f"{IMAGE_HERE} is reserved for images")
+        ids, _ = encode_conversation(self.tok, turns, self.nq, template=self.template)
+        room = self.context - len(ids)
+        if room < 1:  # keep one position for the answer's first token
+            fits = max(0, len(self.tok.encode(question, allowed_special="none")) + room - 1)
+            raise ChatError(f"prompt too long: {len(ids)} tokens with the history and images, the context "
+                            f"holds {self.context}; {fits} tokens of question fit now")
+        return ids
+
+    def answer(self, ids, images, write, conf=None, seed=0, stop=(), stopped=lambda: False):
+        """Answer the prompt `ids` whose placeholders hold `images` (pixels, in order), streaming the
+        text to write(str) as it decodes. Ends at a stop token, at the first of the `stop` strings
+        (left out), after max_new_tokens or at the end of the context, or when stopped() turns true
+        (asked before each token). Returns (answer, tokens generated, "stop" | "length" | "cancelled");
+        RuntimeError if generation fails (e.g. out of memory)."""
+        c = {**{k: v[0] for k, v in CONF.items()}, **(conf or {})}
+        p = next(self.model.parameters())
+        pixels = torch.cat(images).to(p.device, p.dtype) if images else None
+        dec, got, st = StreamDecoder(self.tok), [], {"text": "", "sent": 0, "finish": None, "cut": False}
+
+        def send(upto):
+            write(st["text"][st["sent"]:upto])
+            st["sent"] = upto
+
+        def cut():  # True if a stop string has appeared: the answer ends before it
+            hits = [i for i in (st["text"].find(s) for s in stop) if i >= 0]
+            if hits:
+                st["text"], st["finish"], st["cut"] = st["text"][:min(hits)], "stop", True
+            return bool(hits)
+
+        def stream(new_tokens):
+            if stopped():
+                st["finish"] = "cancelled"
+                raise _Stop
+            if new_tokens[0] is None:  # the stop token: not part of the answer
+                return
+            got.append(new_tokens[0])
+            st["text"] += dec.push(new_tokens[0])
+            if cut():
+                raise _Stop
+            send(len(st["text"]) - held_back(st["text"], stop))
+
+        limit = min(c["max_new_tokens"], self.context - len(ids))
+        try:
+            self.model.generate(torch.tensor([ids], device=p.device), pixels, max_new_tokens=limit,
+                                temperature=c["temperature"] if c["do_sample"] else 0.0, top_k=c["top_k"] or None,
+                                top_p=c["top_p"], repetition_penalty=c["repetition_penalty"],
+                                stop_ids=self.stop_ids, stream=stream, seed=seed)
+        except _Stop:
+            pass
+        st["finish"] = st["finish"] or ("length" if len(got) == limit else "stop")  # else a stop token came
+        if not st["cut"]:
+            st["text"] += dec.flush()
+            cut()
+        send(len(st["text"]))
+        return (st["text"] if stop else self.tok.decode(got)), len(got), st["finish"]
+
+
+class Chat(Engine):
+    """The REPL's state and logic, driven one line at a time by `handle(line)` (False = leave).
+    Answers and listings go to `out`, one-line complaints about bad input to `err`."""
+
+    def __init__(self, model, tok, out=sys.stdout, err=None, seed=0, max_frames=32):
+        super().__init__(model, tok, max_frames)
+        self.out, self.err, self.seed = out, err or out, seed
         self.conf = {k: v[0] for k, v in CONF.items()}
         self.media = []    # (path, kind, pixels [n, 3, S, S]) of every input, in order
         self.pending = []  # indices into media not yet attached to a question
@@ -130,13 +220,12 @@ class Chat:
         path = os.path.expanduser(path.strip().strip("'\""))
         kind = kind or ("video" if path.lower().endswith(VIDEO_EXTS) else "image")
         try:
-            frames = load_video(path, self.max_frames) if kind == "video" else [load_image(path)]
+            pixels = self.load(path, kind)
         except (OSError, ValueError) as e:
             return self.say(f"error: {e}")  # None: refused
-        pixels = torch.stack([preprocess(f, self.size) for f in frames])
         self.pending.append(len(self.media))
         self.media.append((path, kind, pixels))
-        self.say(f"added {kind} {len(self.media)}: {path}" + (f" ({len(frames)} frames)" if kind == "video" else ""))
+        self.say(f"added {kind} {len(self.media)}: {path}" + (f" ({len(pixels)} frames)" if kind == "video" else ""))
         return True
 
     def ask(self, text):
@@ -144,47 +233,29 @@ class Chat:
         if IMAGE_HERE in text:
             return self.say(f"error: {IMAGE_HERE} is reserved for images; attach one with :add PATH")
         new = [self.media[i][2] for i in self.pending]
-        user = " ".join(["<Img>" + IMAGE_HERE * len(p) + "</Img>" for p in new] + [text])
-        turns = self.turns + [("user", user)]
-        ids, _ = encode_conversation(self.tok, turns, self.nq, template=self.template)
-        room = self.context - len(ids)
-        if room < 1:  # keep one position for the answer's first token
-            fits = max(0, len(self.tok.encode(text, allowed_special="none")) + room - 1)
-            return self.say(f"error: prompt too long: {len(ids)} tokens with the history and images, the context "
-                            f"holds {self.context}; {fits} tokens of question fit now"
-                            + (" (:clh clears the history)" if self.turns else ""))
-        images = self.images + new
-        p = next(self.model.parameters())
-        pixels = torch.cat(images).to(p.device, p.dtype) if images else None
-        dec, got, c = StreamDecoder(self.tok), [], self.conf
+        turns = self.turns + [("user", " ".join([placeholder(len(p)) for p in new] + [text]))]
+        try:
+            ids = self.encode(turns, text)
+        except ChatError as e:
+            return self.say(f"error: {e}" + (" (:clh clears the history)" if self.turns else ""))
 
-        def stream(new_tokens):
-            if self.stop:
-                raise _Stop
-            if new_tokens[0] is None:  # the stop token: not part of the answer
-                return
-            got.append(new_tokens[0])
-            self.out.write(dec.push(new_tokens[0]))
+        def write(s):
+            self.out.write(s)
             self.out.flush()
 
         # Ctrl-C only raises a flag, seen at the next token: the REPL and the model stay intact
         self.stop, handler = False, lambda *_: setattr(self, "stop", True)
         old = signal.signal(signal.SIGINT, handler)
         try:
-            self.model.generate(torch.tensor([ids], device=p.device), pixels, max_new_tokens=min(c["max_new_tokens"], room),
-                                temperature=c["temperature"] if c["do_sample"] else 0.0, top_k=c["top_k"] or None,
-                                top_p=c["top_p"], repetition_penalty=c["repetition_penalty"],
-                                stop_ids=self.stop_ids, stream=stream, seed=self.seed)
-        except _Stop:
-            pass
+            answer, _, finish = self.answer(ids, self.images + new, write, self.conf, self.seed,
+                                            stopped=lambda: self.stop)
         except RuntimeError as e:  # e.g. out of memory on the device: report it, keep the session
             self.say(f"error: generation failed: {e}".splitlines()[0])
             return None
         finally:
             signal.signal(signal.SIGINT, old)
-        self.out.write(dec.flush() + (" [stopped]" if self.stop else "") + "\n")
-        answer = self.tok.decode(got)
-        self.turns, self.images, self.pending = turns + [("assistant", answer)], images, []
+        self.out.write((" [stopped]" if finish == "cancelled" else "") + "\n")
+        self.turns, self.images, self.pending = turns + [("assistant", answer)], self.images + new, []
         return answer
 
     def set_conf(self, arg):

@@ -9,16 +9,18 @@ directory with `model.safetensors` + `config.json` (+ the tokenizer beside an LL
     python convert.py qwen2        ~/hf/Qwen2.5-0.5B-Instruct out/qwen2.5-0.5b
     python convert.py qwen1        ~/hf/Qwen-7B-Chat out/qwen7b-chat
     python convert.py phi          ~/hf/phi-2 out/phi-2
+    python convert.py llama        ~/hf/vicuna-7b out/vicuna-7b      # LLaMA / Vicuna, tokenizer.model
     python convert.py eva_vit_g    eva_vit_g.pth out/eva_vit_g
     python convert.py blip2_lavis  blip2_pretrained_flant5xxl.pth out/blip2
     python convert.py blip2_hf     ~/hf/blip2-opt-2.7b out/blip2-hf
     python convert.py minigpt4qwen model.pth out/mpp-stage1          # or unfreeze_llm_model.pth
+    python convert.py minigpt4     pretrained_minigpt4.pth out/minigpt4-proj
     python convert.py stages       out/run/step-000200 out/run-merged  # pipeline shards -> one model
 
 Nothing in the project imports this file (bench.py and the tests do): training and chat read only
 our format. It is longer than the other tools because it holds one rename table and one config
-translation per public family (Qwen v1, Qwen2, Phi-2 / TinyGPT-V, EVA-ViT-g, two BLIP-2 layouts,
-MiniGPT4Qwen), each of which a reader can check against the published files line by line.
+translation per public family (Qwen v1, Qwen2, LLaMA / Vicuna, Phi-2 / TinyGPT-V, EVA-ViT-g, two
+BLIP-2 layouts, MiniGPT4Qwen, MiniGPT-4), each of which a reader can check against the published files line by line.
 """
 import json
 import os
@@ -35,7 +37,7 @@ from model import LLMS, MultimodalLM, save_llm
 from phi import PhiConfig
 from qformer import QFormer, QFormerConfig
 from qwen import QwenConfig
-from tokenizer import Tokenizer
+from tokenizer import SentencePieceTokenizer, Tokenizer
 from vit import EVAViT, ViTConfig, interpolate_pos_embed
 
 # ----------------------------------------------------------------------------- reading
@@ -112,6 +114,8 @@ def remap(src, rules, ignore=()):
 
 QWEN2_RULES = [(r"model\.(.*)", r"\1"), (r"lm_head\.weight", "lm_head.weight")]
 QWEN2_IGNORE = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]  # older exports save it
+# HF LLaMA / Vicuna: the same names (qwen.py follows them), without the q/k/v biases
+LLAMA_RULES, LLAMA_IGNORE = QWEN2_RULES, QWEN2_IGNORE
 
 _H = r"transformer\.h\.(\d+)\."
 QWEN1_RULES = [
@@ -159,12 +163,21 @@ def _rope_theta(hf, default):
     return float(hf.get("rope_theta") or rope.get("rope_theta") or default)
 
 
-def qwen2_config(hf):
+def qwen2_config(hf, version="qwen2"):
     return QwenConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                       n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
                       intermediate_size=hf["intermediate_size"], rope_theta=_rope_theta(hf, 10000.0),
                       max_seq_len=hf["max_position_embeddings"], tie_embeddings=hf.get("tie_word_embeddings", False),
-                      version="qwen2", rms_eps=hf.get("rms_norm_eps", 1e-6))
+                      version=version, rms_eps=hf.get("rms_norm_eps", 1e-6))
+
+
+def llama_config(hf):
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    if (hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu"
+            or head_dim * hf["num_attention_heads"] != hf["hidden_size"]):
+        raise CheckpointError("LLaMA config: only silu, no attention/MLP biases and head_dim = hidden_size / "
+                              "num_attention_heads are implemented")
+    return qwen2_config(hf, version="llama")
 
 
 def qwen1_config(hf):
@@ -190,16 +203,16 @@ def phi_config(hf):
 
 
 def llm_from_hf(src, kind, dtype=None):
-    """(model, config) from an HF directory; kind 'qwen2' | 'qwen1' | 'phi'. dtype defaults to
-    the checkpoint's (a different one is an explicit cast)."""
+    """(model, config) from an HF directory; kind 'qwen2' | 'qwen1' | 'llama' | 'phi'. dtype defaults
+    to the checkpoint's (a different one is an explicit cast)."""
     with open(os.path.join(src, "config.json")) as f:
         hf = json.load(f)
     state = read_state_dict(src)
-    config = {"qwen2": qwen2_config, "qwen1": qwen1_config, "phi": phi_config}[kind](hf)
+    config = {"qwen2": qwen2_config, "qwen1": qwen1_config, "llama": llama_config, "phi": phi_config}[kind](hf)
     if kind == "phi" and any(k.endswith("query_key_value.weight") for k in state):
         config.tinygptv = True
     rules, ignore = {"qwen2": (QWEN2_RULES, QWEN2_IGNORE), "qwen1": (QWEN1_RULES, QWEN1_IGNORE),
-                     "phi": (phi_rules(config.n_head), PHI_IGNORE)}[kind]
+                     "llama": (LLAMA_RULES, LLAMA_IGNORE), "phi": (phi_rules(config.n_head), PHI_IGNORE)}[kind]
     dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
     with torch.device("meta"):  # no storage: load_into adopts the checkpoint's tensors
         model = LLMS["phi" if kind == "phi" else "qwen"][1](config).to(dtype)
@@ -207,12 +220,20 @@ def llm_from_hf(src, kind, dtype=None):
 
 
 def tokenizer_from_hf(src, vocab_size):
-    """The tokenizer of an HF LLM directory (Qwen v1's qwen.tiktoken, else HF byte-level BPE files),
-    or None if it ships none. Only Qwen v1 has the image slot <|extra_0|>; for the others it takes
-    the first free id, one of the spare embedding rows these checkpoints have (Qwen2: 151936 rows
-    for 151665 tokens, Phi-2: 51200 for 50295), so MMConfig.image_token_id can name it."""
+    """The tokenizer of an HF LLM directory (Qwen v1's qwen.tiktoken, LLaMA's sentencepiece
+    tokenizer.model, else HF byte-level BPE files), or None if it ships none. Only Qwen v1 has the
+    image slot <|extra_0|>; for the others it takes the first free id, one of the spare embedding
+    rows these checkpoints have (Qwen2: 151936 rows for 151665 tokens, Phi-2: 51200 for 50295), so
+    MMConfig.image_token_id can name it. LLaMA / Vicuna-7B has none (32000 rows, 32000 pieces): there
+    the image slot shares <unk>'s id 0, which byte-fallback encoding never produces (MiniGPT-4
+    itself splices embeddings and needs no id)."""
     if os.path.exists(os.path.join(src, "qwen.tiktoken")):
         tok = Tokenizer.from_qwen_tiktoken(os.path.join(src, "qwen.tiktoken"))
+    elif os.path.exists(os.path.join(src, "tokenizer.model")):  # LLaMA dirs may also hold a tokenizer.json
+        tok = SentencePieceTokenizer.from_hf(src)
+        if IMAGE_TOKEN not in tok.special_tokens:
+            slot = tok.n_vocab if tok.n_vocab < vocab_size else tok.special_tokens["<unk>"]
+            tok = SentencePieceTokenizer(tok.model_proto, {**tok.extra, IMAGE_TOKEN: slot})
     elif any(os.path.exists(os.path.join(src, f)) for f in ("tokenizer.json", "vocab.json")):
         tok = Tokenizer.from_hf(src)
     else:
@@ -227,7 +248,10 @@ def tokenizer_from_hf(src, vocab_size):
 
 def _convert_llm(src, dst, kind):
     model, config = llm_from_hf(src, kind)
-    save_llm(dst, model)
+    if kind == "llama":  # a Qwen-class model: name the arch, so that from_parts picks MiniGPT-4's template
+        ckpt.save(dst, ckpt.state_of(model), {"arch": "llama", **asdict(config)})
+    else:
+        save_llm(dst, model)
     tok = tokenizer_from_hf(src, config.vocab_size)
     if tok is not None:  # beside the weights, where train.py and chat.py look for it
         tok.save(dst)
@@ -239,6 +263,10 @@ def convert_qwen2(src, dst):
 
 def convert_qwen1(src, dst):
     _convert_llm(src, dst, "qwen1")
+
+
+def convert_llama(src, dst):
+    _convert_llm(src, dst, "llama")
 
 
 def convert_phi(src, dst):
@@ -447,6 +475,15 @@ def convert_minigpt4qwen(src, dst):
     print(f"{len(state)} tensors ({', '.join(parts)})")
 
 
+def convert_minigpt4(src, dst):
+    """MiniGPT-4's pretrained_minigpt4.pth (its only trained part, `llama_proj` 768 -> 4096, under
+    "model") -> llm_proj.*, for MultimodalLM.from_parts(proj=...) and train.py --init_proj; any
+    other key is refused."""
+    state = remap(read_state_dict(src), [(r"llama_proj\.(weight|bias)", r"llm_proj.\1")])
+    ckpt.save(dst, state, {"minigpt4": os.path.basename(os.fspath(src)), "parts": ["llm_proj"]})
+    print(f"{len(state)} tensors (llm_proj)")
+
+
 def convert_stages(src, dst):
     """Merge the stage shards of a pipeline save (a directory of stage<s>-of-<p>.safetensors, as
     train.py --num_stages writes into each step directory) into one checkpoint that chat.py and
@@ -461,7 +498,8 @@ def convert_stages(src, dst):
         raise CheckpointError(f"{paths[0]}: no model config in the shard's metadata")
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     model = MultimodalLM.from_state(state, json.loads(meta["config"]), dtype)
-    extra = Tokenizer.load(src).files() if os.path.exists(os.path.join(src, "tokenizer.tiktoken")) else {}
+    has_tok = any(os.path.exists(os.path.join(src, f)) for f in ("tokenizer.tiktoken", "tokenizer.model"))
+    extra = Tokenizer.load(src).files() if has_tok else {}
     model.save(dst, extra=extra)
 
 

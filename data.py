@@ -4,7 +4,8 @@ Data for nanoMPP: images, videos, the chat template with Qwen's loss mask, and t
 Reproduces the input side of MiniGPT4Qwen / MPP-Qwen-Next: BLIP-2 image preprocessing, the
 `<Img><ImageHere></Img>` placeholder whose `<ImageHere>` becomes num_query_tokens copies of
 `<|extra_0|>`, videos as up to 32 frames sampled at a fixed interval, and ChatML with the loss mask
-of Qwen's finetune recipe. Reads MiniGPT4Qwen JSON rows and LLaVA `conversations` rows.
+of Qwen's finetune recipe. The public row formats (LLaVA, Video-ChatGPT, MiniGPT4Qwen, Qwen-VL)
+are read by formats.py; `python data.py check FILE --image_root DIR` reports on a file (datacheck.py).
 Image preprocessing lives here rather than in vit.py so that model files import with torch alone:
 Pillow and PyAV are data concerns.
 
@@ -14,7 +15,6 @@ whose images do not fit that way is dropped when the dataset is built, with one 
 count; it is never silently misaligned. Malformed rows raise an error naming the file and the row,
 or with skip_bad=True are skipped with one counted warning.
 """
-import json
 import math
 import os
 import warnings
@@ -23,28 +23,35 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from formats import IMAGE_HERE, IMAGE_PLACEHOLDER, MediaIndex, iter_rows, parse_row
 from model import IGNORE
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's (CLIP's) normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 64_000_000  # ~8000x8000; bigger files are refused before any decoding
-IMAGE_PLACEHOLDER = "<Img><ImageHere></Img>"
-IMAGE_HERE = "<ImageHere>"
 IMAGE_TOKEN = "<|extra_0|>"
 SYSTEM = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
 
 # The chat templates, one per LLM family: the text that closes every answer (supervised, so the
 # model learns to end) and the tokens that end generation. data.py builds prompts and labels from
-# it, train.py's evaluation cuts gold answers with it, chat.py stops on it.
+# it, train.py's evaluation cuts gold answers with it, chat.py stops on it; `pad` fills batches.
 # ChatML (Qwen v1 and v2): <|im_start|>role\n text <|im_end|>\n per turn.
 # phi (TinyGPT-V / MiniGPT-v2 style): "[INST] question [/INST]" + " answer<|endoftext|>"; TinyGPT-V
 # ends answers with "###", we with Phi-2's own <|endoftext|>, one id to stop on.
+# minigpt4 (LLaMA / Vicuna, Vision-CAIR/MiniGPT-4 minigpt4/conversation/conversation.py, CONV_VISION):
+# "<s>{system}###Human: {question}###Assistant: {answer}###Human: ..."; answers end with "###" (the
+# stage-2 config's end_sym), and generation stops on "▁###" (835 in LLaMA's vocabulary, the first of
+# MiniGPT-4's two stop sequences; the other, "##" "#" as "###" reads right after a word, is two
+# tokens, which single-token stops cannot express) or on Vicuna's </s>.
 TEMPLATES = {
-    "chatml": dict(end="<|im_end|>\n", stops=("<|im_end|>", "<|im_start|>", "<|endoftext|>")),
-    "phi": dict(end="<|endoftext|>", stops=("<|endoftext|>",)),
+    "chatml": dict(end="<|im_end|>\n", stops=("<|im_end|>", "<|im_start|>", "<|endoftext|>"), pad="<|endoftext|>"),
+    "phi": dict(end="<|endoftext|>", stops=("<|endoftext|>",), pad="<|endoftext|>"),
+    "minigpt4": dict(end="###", stops=("###", "</s>"), pad="</s>",
+                     system="Give the following image: <Img>ImageContent</Img>. You will be able to see the "
+                            "image once I provide it to you. Please answer my questions."),
 }
-LLM_TEMPLATES = {"qwen": "chatml", "phi": "phi"}  # MMConfig.llm_type -> its template
+LLM_TEMPLATES = {"qwen": "chatml", "phi": "phi", "llama": "minigpt4"}  # MMConfig.llm_type -> its template
 
 # --- images -------------------------------------------------------------------------------------
 
@@ -68,15 +75,20 @@ def to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path):
-    """Open an image file as RGB with its EXIF orientation applied; errors name the file."""
-    path = os.fspath(path)
-    _check_path(path, "image")
+def load_image(path, name=None):
+    """Open an image file as RGB with its EXIF orientation applied; errors name the file. `path` may
+    also be a binary file object (serve.py's uploaded bytes, through the same checks), `name`
+    naming it in errors."""
+    if hasattr(path, "read"):
+        src, path = path, name or "image data"
+    else:
+        src = path = os.fspath(path)
+        _check_path(path, "image")
     too_large = f"image too large (decompression bomb?): {path}"
     try:
         with warnings.catch_warnings():  # Pillow only warns between its limit and twice it
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(src)
     except UnidentifiedImageError:
         raise ValueError(f"not an image file (unrecognised format): {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -154,26 +166,41 @@ def count_video_packets(path):
             raise ValueError(f"cannot read video file: {path} ({e})") from None
 
 
+def video_frame_indices(total, max_frames):
+    """The frames MiniGPT4Qwen keeps of a video of `total` frames: every max(1, total // max_frames)-th,
+    at most max_frames of them."""
+    return list(range(0, total, max(1, total // max_frames)))[:max_frames]
+
+
 def load_video(path, max_frames=32):
-    """Decode up to max_frames RGB frames at a fixed interval max(1, total // max_frames), as
-    MiniGPT4Qwen does. Two decoding passes: containers often omit or misreport the frame count,
-    and keeping every decoded frame to count them would hold a whole video in memory."""
+    """Decode up to max_frames RGB frames at a fixed interval (video_frame_indices), as MiniGPT4Qwen
+    does. The frame count comes from demuxing (packets, no decoding); one threaded decoding pass
+    then converts to RGB only the frames kept (a kept frame needs its predecessors decoded anyway:
+    inter-coded streams cannot skip them). Should the decoder yield another number of frames than
+    the container's packets, a second pass selects from the true count, so the frames are always
+    those a count of decoded frames would pick."""
     import av
     from av.video.reformatter import VideoReformatter
     path = os.fspath(path)
-    _check_path(path, "video")
     if max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     to_rgb24 = VideoReformatter()  # reused: frame.to_image() would set up a converter per frame
-    try:
+
+    def decode(keep):
+        frames, total = [], 0
         with _open_video(path) as c:
-            total = sum(1 for _ in c.decode(video=0))
-        keep = set(range(0, total, max(1, total // max_frames))[:max_frames])
-        frames = []
-        with _open_video(path) as c:
+            c.streams.video[0].thread_type = "AUTO"  # frame and slice threads: the same frames, sooner
             for i, frame in enumerate(c.decode(video=0)):
+                total += 1
                 if i in keep:
                     frames.append(Image.fromarray(to_rgb24.reformat(frame, format="rgb24").to_ndarray()))
+        return frames, total
+
+    packets = count_video_packets(path)  # also checks that the path exists
+    try:
+        frames, total = decode(set(video_frame_indices(packets, max_frames)))
+        if total != packets:
+            frames, _ = decode(set(video_frame_indices(total, max_frames)))
     except av.error.FFmpegError as e:
         raise ValueError(f"cannot decode video file: {path} ({e})") from None
     if not frames:
@@ -228,6 +255,22 @@ def _encode(tok, turns, num_query_tokens, n_frames=None, template="chatml", syst
             media_end = len(ids) if image_id in body else media_end
         if turns and turns[-1][0] == "user":  # a prompt for generation: open the assistant turn
             add([start] + enc("assistant") + nl, False)
+    elif template == "minigpt4":
+        # Each segment (prompt, answer, end) is encoded on its own, as MiniGPT-4 tokenizes its prompt
+        # segments, so each starts with sentencepiece's dummy-prefix space; only answers and their
+        # "###" are supervised (its training targets). The default `system` is ChatML's: use ours.
+        system = TEMPLATES[template]["system"] if system == SYSTEM else system
+        head = "" if system is None else system + "###"
+        add([tok.token_id("<s>")], False)
+        for role, text in turns:
+            if role == "system":
+                head = text + "###"
+            elif role == "user":
+                body = content(role, f"{head}Human: {text}###Assistant:")
+                add(body, False)
+                head, media_end = "", len(ids) if image_id in body else media_end
+            else:
+                add(enc(text) + end, True)
     else:  # phi
         for role, text in turns:
             if role == "assistant":
@@ -257,84 +300,10 @@ def encode_conversation(tok, turns, num_query_tokens, n_frames=None, template="c
 # --- dataset ------------------------------------------------------------------------------------
 
 
-def _read_rows(json_path):
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            if str(json_path).endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
-            rows = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: invalid JSON ({e})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{json_path}: expected a JSON list of rows, got {type(rows).__name__}")
-    return rows
-
-
-def _str_list(x):
-    return isinstance(x, list) and len(x) > 0 and all(isinstance(s, str) for s in x)
-
-
-def _llava_turns(conv):
-    if not isinstance(conv, list) or not conv:
-        raise ValueError("'conversations' must be a non-empty list")
-    turns = []
-    for j, t in enumerate(conv):
-        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
-            raise ValueError(f"conversations[{j}] must be an object with a string 'value'")
-        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "system": "system"}.get(t.get("from"))
-        if role is None:
-            raise ValueError(f"conversations[{j}]: unknown 'from' {t.get('from')!r}")
-        turns.append((role, t["value"].replace("<image>", IMAGE_PLACEHOLDER).replace("<video>", IMAGE_PLACEHOLDER)))
-    return turns
-
-
-def _minigpt4qwen_turns(row):
-    missing = [k for k in ("instruction", "output") if k not in row]
-    if missing:
-        raise ValueError(f"missing key {missing[0]!r} (need 'instruction' and 'output', "
-                         "or LLaVA 'conversations')")
-    ins, out = row["instruction"], row["output"]
-    if isinstance(ins, str) and isinstance(out, str):
-        ins, out = [ins], [out]
-    elif not (_str_list(ins) and _str_list(out)):
-        raise ValueError("'instruction' and 'output' must both be strings or both be "
-                         "non-empty lists of strings")
-    if len(ins) != len(out):
-        raise ValueError(f"'instruction' has {len(ins)} turns but 'output' has {len(out)}")
-    return [t for pair in zip(ins, out) for t in (("user", pair[0]), ("assistant", pair[1]))]
-
-
-def parse_row(row, image_root):
-    """One JSON row (LLaVA `conversations` or MiniGPT4Qwen `instruction`/`output`) -> dict(turns,
-    media (paths), video (bool), task); ValueError says what is wrong."""
-    if not isinstance(row, dict):
-        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
-    turns = _llava_turns(row["conversations"]) if "conversations" in row else _minigpt4qwen_turns(row)
-    if not any(role == "assistant" for role, _ in turns):
-        raise ValueError("no assistant turn: nothing to learn from")
-    if "image" in row and "video" in row:
-        raise ValueError("a row has 'image' or 'video', not both")
-    media, video = row.get("image", row.get("video", [])), "video" in row
-    if isinstance(media, str):
-        media = [media]
-    if not (media == [] or _str_list(media)) or (video and len(media) != 1):
-        raise ValueError(f"'image' must be a path or a list of paths, 'video' one path; got {media!r}")
-    media = [os.path.join(image_root, m) for m in media]
-    for m in media:
-        if not os.path.isfile(m):
-            raise ValueError(f"{'video' if video else 'image'} file not found: {m}")
-    wrong = [role for role, text in turns if role != "user" and IMAGE_HERE in text]
-    if wrong:
-        raise ValueError(f"image placeholder in a {wrong[0]} turn; placeholders go in user turns")
-    n_here = sum(text.count(IMAGE_HERE) for _, text in turns)
-    if video and (n_here != 1 or sum(t.count(IMAGE_PLACEHOLDER) for _, t in turns) != 1):
-        raise ValueError(f"a video row needs exactly one {IMAGE_PLACEHOLDER}, found {n_here} {IMAGE_HERE}")
-    if not video and n_here != len(media):
-        raise ValueError(f"{n_here} image placeholders but {len(media)} images")
-    if "task" in row and not isinstance(row["task"], str):
-        raise ValueError(f"'task' must be a string, got {row['task']!r}")
-    return dict(turns=turns, media=media, video=video, task=row.get("task"))
+def fit(n_tokens, media_end, max_len):
+    """The truncation policy: 'fits', 'truncated' (cut at max_len, after the turn holding the last
+    image) or 'dropped' (an image's tokens would be cut)."""
+    return "fits" if n_tokens <= max_len else "truncated" if media_end <= max_len else "dropped"
 
 
 class VLDataset(torch.utils.data.Dataset):
@@ -348,9 +317,10 @@ class VLDataset(torch.utils.data.Dataset):
         self.json_path, self.tok, self.nq, self.image_size = str(json_path), tok, num_query_tokens, image_size
         self.max_len, self.train, self.max_frames, self.template = max_len, train, max_frames, template
         self.samples, self.bad, self.too_long = [], [], []
-        for i, row in enumerate(_read_rows(json_path)):
+        index = MediaIndex()
+        for i, row in enumerate(iter_rows(json_path)):
             try:
-                s = parse_row(row, image_root)
+                s = parse_row(row, image_root, index)
                 # a video's packet count predicts its frames; __getitem__ re-checks the real count
                 s["n_frames"] = min(max_frames, count_video_packets(s["media"][0])) if s["video"] else None
                 if s["n_frames"] == 0:
@@ -362,7 +332,7 @@ class VLDataset(torch.utils.data.Dataset):
                 continue
             s["row"] = i
             ids, _, media_end = _encode(tok, s["turns"], num_query_tokens, s["n_frames"], template)
-            if len(ids) > max_len and media_end > max_len:
+            if fit(len(ids), media_end, max_len) == "dropped":
                 self.too_long.append(i)
                 continue
             self.samples.append(s)
@@ -419,3 +389,11 @@ def collate(samples, pad_id, fixed_len=None):
     if any("task" in s for s in samples):
         batch["task"] = [s.get("task") for s in samples]
     return batch
+
+
+if __name__ == "__main__":  # `python data.py check FILE ...`: the checker sits above train.py (presets)
+    import sys
+    if sys.argv[1:2] != ["check"]:
+        sys.exit("usage: python data.py check FILE --image_root DIR [--preset NAME] (see datacheck.py)")
+    import datacheck
+    sys.exit(datacheck.main(sys.argv[2:]))

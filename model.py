@@ -84,7 +84,7 @@ class MMConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: object = field(default_factory=QwenConfig)  # QwenConfig or PhiConfig, as llm_type says
-    llm_type: str = "qwen"         # 'qwen' (v1 and v2 layouts) or 'phi'
+    llm_type: str = "qwen"         # 'qwen' (v1 and v2 layouts), 'phi' or 'llama' (a qwen.py layout)
     proj: str = "linear"           # 'linear' (MiniGPT4Qwen) or 'mlp2' (TinyGPT-V: two Linears)
     proj_hidden: int = 4096        # middle width of 'mlp2' (TinyGPT-V keeps LLaMA's 4096)
     freeze: tuple = ()             # part names (PARTS) or a FREEZE_PRESETS name
@@ -299,7 +299,7 @@ def vision_state(d, grid=None):
 
 def save_llm(d, llm):
     """A bare LLM as our checkpoint: config.json is {"arch": 'qwen' | 'phi', **its config}."""
-    arch = next(name for name, (_, c) in LLMS.items() if isinstance(llm, c))
+    arch = "llama" if getattr(llm.config, "version", None) == "llama" else "phi" if isinstance(llm, Phi) else "qwen"
     ckpt.save(d, ckpt.state_of(llm), {"arch": arch, **asdict(llm.config)})
 
 

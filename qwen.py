@@ -1,13 +1,14 @@
 """
-The Qwen family of decoders in one file: Qwen v1 (Qwen-7B-Chat, Qwen-14B-Chat) and
-Qwen1.5 / Qwen2 / Qwen2.5 (HF `Qwen2ForCausalLM`).
+The Qwen family of decoders in one file: Qwen v1 (Qwen-7B-Chat, Qwen-14B-Chat),
+Qwen1.5 / Qwen2 / Qwen2.5 (HF `Qwen2ForCausalLM`) and, as a third layout, LLaMA / Vicuna
+(HF `LlamaForCausalLM`, MiniGPT-4's LLM), which is Qwen2 without the q/k/v biases.
 
 Both are pre-norm RMSNorm decoders with rotary attention (q/k/v with bias, output without) and a
 SwiGLU MLP. v1 fuses q/k/v into one `c_attn` on disk (convert.py splits it) and, at inference
 beyond its training length `seq_length`, stretches rotary with dynamic NTK and scales queries by
 log-n (Qwen's own code). Qwen2 adds grouped-query attention and, for small sizes, tied embeddings.
 
-Parameter names follow HF Qwen2, so a Qwen2 checkpoint loads by stripping `model.`.
+Parameter names follow HF Qwen2 (= HF LLaMA), so either checkpoint loads by stripping `model.`.
 The shared pieces (Rotary, KVCache, the mask/position logic and the `DecoderLM` top) are reused by
 phi.py.
 """
@@ -336,9 +337,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=True)
+        bias = config.version != "llama"  # Qwen biases q/k/v; LLaMA has no bias anywhere
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
 
     def forward(self, x, ctx):
@@ -390,8 +392,8 @@ class QwenConfig:
     rope_theta: float = 1e6
     max_seq_len: int = 32768  # v1: `seq_length`, beyond which dynamic NTK + log-n apply at inference
     tie_embeddings: bool = True
-    version: str = "qwen2"  # 'qwen1' | 'qwen2' (Qwen1.5 / 2 / 2.5 share the qwen2 layout)
-    rms_eps: float = 1e-6
+    version: str = "qwen2"  # 'qwen1' | 'qwen2' (Qwen1.5 / 2 / 2.5) | 'llama' (qwen2 without biases)
+    rms_eps: float = 1e-6  # LLaMA-1 / Vicuna 1e-6, LLaMA-2 1e-5
 
     @staticmethod
     def preset(name):
@@ -401,6 +403,7 @@ class QwenConfig:
 
 
 _QWEN1 = dict(rope_theta=10000.0, tie_embeddings=False, version="qwen1")
+_LLAMA = dict(vocab_size=32000, rope_theta=10000.0, max_seq_len=2048, tie_embeddings=False, version="llama")
 QWEN_PRESETS = {
     "qwen7b_chat": dict(_QWEN1, vocab_size=151936, n_layer=32, n_head=32, n_kv_head=32, n_embd=4096,
                         intermediate_size=11008, max_seq_len=8192),
@@ -410,6 +413,9 @@ QWEN_PRESETS = {
     "qwen2.5-1.5b": dict(n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, intermediate_size=8960),
     "qwen2.5-7b": dict(vocab_size=152064, n_layer=28, n_head=28, n_kv_head=4, n_embd=3584,
                        intermediate_size=18944, tie_embeddings=False),
+    # LLaMA-7B / -13B shapes (Vicuna v0, MiniGPT-4's LLM): 32000 sentencepiece tokens, 2048 positions
+    "vicuna-7b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_head=32, n_embd=4096, intermediate_size=11008),
+    "vicuna-13b": dict(_LLAMA, n_layer=40, n_head=40, n_kv_head=40, n_embd=5120, intermediate_size=13824),
     "tiny": dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128,
                  max_seq_len=1024),
 }
@@ -418,8 +424,8 @@ QWEN_PRESETS = {
 class Qwen(DecoderLM):
     def __init__(self, config):
         super().__init__()
-        if config.version not in ("qwen1", "qwen2"):
-            raise ValueError(f"QwenConfig.version must be 'qwen1' or 'qwen2', got {config.version!r}")
+        if config.version not in ("qwen1", "qwen2", "llama"):
+            raise ValueError(f"QwenConfig.version must be 'qwen1', 'qwen2' or 'llama', got {config.version!r}")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))

@@ -21,10 +21,10 @@ Checkpoints (ckpt.py): every save is a new out_dir/step-NNNNNN directory that ou
 to once it is complete, so a crash at any instant leaves the previous step whole; --resume refuses
 a step directory whose files belong to different steps.
 
-At about 600 lines this is longer than nanoGPT's train.py because it is the one script for every
+At about 670 lines this is twice nanoGPT's train.py because it is the one script for every
 run: the toy's from-scratch init and curriculum, the public presets, DDP and pipeline stages,
-held-out exact-match evaluation, and saves that survive a crash. Read it top to bottom: config,
-model and data, evaluation, checkpoints, the step, train().
+held-out exact-match evaluation, background batch building, and saves that survive a crash.
+Read it top to bottom: config, model and data, evaluation, checkpoints, the step, train().
 """
 import json
 import math
@@ -360,7 +360,7 @@ def evaluate(model, ds, tok, cfg, ctx, batch_size=100):
     template = TEMPLATES[LLM_TEMPLATES[model.config.llm_type]]
     end_len = len(tok.encode(template["end"], allowed_special="all"))
     stop = [tok.token_id(t) for t in template["stops"]]
-    pad = tok.token_id("<|endoftext|>")
+    pad = tok.token_id(template["pad"])
     hits, loss, count = {}, 0.0, 0
     for lo in range(0, min(len(ds), cfg.eval_samples), batch_size):
         items = [ds[i] for i in range(lo, min(lo + batch_size, len(ds), cfg.eval_samples))]
@@ -570,7 +570,7 @@ def train(cfg):
     if state is None:
         model.to(device)
     train_ds, val_ds, chance = datasets(cfg, tok, model.config)
-    runner = None
+    n_params, runner = sum(p.numel() for p in model.parameters()), None  # the whole model's, before slicing
     if cfg.num_stages > 1:  # slices the model in place: this rank keeps (and loads) its stage only
         runner = PipelineRunner(model, cfg.num_stages, cfg.schedule, pp_group, dp_group, device=device,
                                 seq_len=cfg.max_len, state=state)
@@ -584,16 +584,16 @@ def train(cfg):
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        n_params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(train_ds)} train / "
               f"{len(val_ds) if val_ds else 0} held-out samples, {dp_size} data-parallel x {cfg.num_stages} "
               f"stage(s), {'bf16' if bf16 else 'fp32'} on {device.type}, out_dir {cfg.out_dir}")
     log, stop, good_step, acc = Log(cfg, step, master), Interrupt(), step, {}
-    batches = step_batches(cfg, train_ds, tok.token_id("<|endoftext|>"), dp_rank, dp_size, step, device.type == "cuda")
+    pad = tok.token_id(TEMPLATES[LLM_TEMPLATES[model.config.llm_type]]["pad"])
+    batches = step_batches(cfg, train_ds, pad, dp_rank, dp_size, step, device.type == "cuda")
     t0, c0, tokens = time.time(), time.process_time(), 0
 
     def run_eval():
-        if not (master and val_ds) or (runner and good_step != step):
+        if not (master and val_ds and cfg.eval_samples) or (runner and good_step != step):
             return acc  # a pipeline run evaluates the merged checkpoint, so only right after a save
         eval_model = model if runner is None else MultimodalLM.from_checkpoint(cfg.out_dir).to(device)
         val_loss, new = evaluate(eval_model, val_ds, tok, cfg, ctx)

@@ -15,13 +15,11 @@ import time
 import zlib
 
 import pytest
-import torch
 
 import chat
+from conftest import random_toy
 from chat import Chat
-from model import MultimodalLM
-from synthetic import make_synthetic, one_shape_image, write_video
-from tokenizer import Tokenizer
+from synthetic import one_shape_image, write_video
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,12 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -70,35 +63,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """An untrained toy (train.py's architecture and tokenizer) saved as a checkpoint."""
-    d = tmp_path_factory.mktemp("toy")
-    syn = make_synthetic(str(tmp_path_factory.mktemp("syn")), n_train=8, n_val=8)
-    tok = Tokenizer.toy(syn["words"] + ["You", "helpful", "Img"])
-    torch.manual_seed(0)
-    model = MultimodalLM(train.toy_config(train.Config(max_len=96, num_query=4), tok)).eval()
-    model.save(str(d), train={"max_frames": 2})
-    tok.save(str(d))
-    return str(d)
-
-
-# the toy as `python train.py` builds it, trained only on the synthetic colour questions (the task it
-# learns first) at 16 px: 100% held-out colour accuracy after 100 steps, ~10 s on one core
-SYNTHETIC = dict(n_train=400, n_val=160, image_size=16)
-TRAIN_ARGS = ["--n_train=400", "--n_val=160", "--image_size=16", "--num_query=4", "--max_len=64", "--max_iters=100",
-              "--warmup_iters=20", "--curriculum_tasks=colour", "--curriculum_iters=1000000", "--eval_samples=8",
-              "--threads=1"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(checkpoint dir, held-out colour rows with absolute image paths)."""
-    d = tmp_path_factory.mktemp("trained")
-    p = subprocess.run([sys.executable, "train.py", f"--synthetic_root={d / 'data'}", f"--out_dir={d / 'ckpt'}",
-                        *TRAIN_ARGS], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    syn = make_synthetic(str(d / "data"), **SYNTHETIC)  # the same parameters: train.py's cached copy
-    with open(syn["val"]) as f:
-        rows = [r for r in json.load(f) if r["task"] == "colour"]
-    return str(d / "ckpt"), [(os.path.join(syn["image_root"], r["image"]), r["output"]) for r in rows]
+    return random_toy(tmp_path_factory.mktemp("toy"), tmp_path_factory.mktemp("syn"), max_len=96)
 
 
 def session(ckpt, **kw):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dataclasses import asdict
 
 import ckpt
-from conftest import randomize
+from conftest import blip2_batch, randomize
 from convert import convert_blip2_hf, convert_minigpt4qwen, convert_phi, convert_qwen2
 from data import collate
 from model import FREEZE_PRESETS, MMConfig, MultimodalLM, save_llm, splice_images, supervised_count
@@ -22,13 +22,7 @@ IMG = 500  # the image token of the tiny vocabulary (512)
 Q = 8      # tiny Q-Former queries
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: on a busy machine every multi-threaded op waits ~20 ms for its second thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 def tiny_config(llm_type="qwen", **kw):
@@ -108,14 +102,7 @@ def convert_hf_blip2(hf, llm_type, tmp):
 def test_blip2_parity_with_transformers(llm_type, tmp_path):
     hf = hf_blip2(llm_type)
     model = convert_hf_blip2(hf, llm_type, tmp_path)
-    g = torch.Generator().manual_seed(1)
-    # two prompts, right-padded: the first with two images, the second with one
-    a = [5, 6] + [IMG] * Q + [7, 8, 9] + [IMG] * Q + [10, 11]
-    b = [12] + [IMG] * Q + [13, 14, 15]
-    ids = torch.tensor([a, b + [0] * (len(a) - len(b))])
-    mask = torch.tensor([[1] * len(a), [1] * len(b) + [0] * (len(a) - len(b))])
-    pixels = torch.randn(3, 3, 56, 56, generator=g)
-    labels = ids.masked_fill((ids == IMG) | (mask == 0), -100)
+    ids, mask, pixels, labels = blip2_batch(IMG, Q)
     with torch.no_grad():
         want = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels)
         got, loss = model(dict(input_ids=ids, attention_mask=mask, images=pixels, labels=labels))
@@ -127,7 +114,7 @@ def test_blip2_parity_with_transformers(llm_type, tmp_path):
         out = hf.generate(pixel_values=pixels[:2], input_ids=ids[:1], max_new_tokens=12, do_sample=False,
                           repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)
         ours = model.generate(ids[:1], pixels[:2], max_new_tokens=12, repetition_penalty=penalty)
-        assert ours[0] == out[0, len(a):].tolist()
+        assert ours[0] == out[0, ids.shape[1]:].tolist()
         assert len(set(ours[0])) >= 3  # a real continuation, not one token repeated
 
 

@@ -35,7 +35,8 @@ def test_overrides_are_type_checked():
              "--max_iters=1.5": "--max_iters: expected int, got '1.5'",
              "--resume=maybe": "--resume: expected true or false, got 'maybe'",
              "--lr": "--lr needs a value: --lr=...",
-             "--preset=huge": "unknown preset 'huge'; presets: toy, toy-long, mpp-qwen7b-pretrain, mpp-qwen7b-sft, tinygptv-phi2"}
+             "--preset=huge": "unknown preset 'huge'; presets: toy, toy-long, mpp-qwen7b-pretrain, mpp-qwen7b-sft, tinygptv-phi2, "
+                              "minigpt4-vicuna7b-finetune"}
     for arg, msg in cases.items():
         with pytest.raises(train.ConfigError) as e:
             train.parse_args([arg])

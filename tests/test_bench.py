@@ -1,0 +1,146 @@
+"""bench.py's rows are what they say: each pair builder gives both sides the row's dtype, and
+check_dtypes refuses (naming the side and the dtype) a side built in another dtype or fed
+activations of another dtype, at tiny sizes."""
+import os
+import re
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import bench
+from qformer import QFormerConfig
+from vit import ViTConfig
+
+DTYPES = [torch.float32, torch.bfloat16]
+OTHER = {torch.float32: torch.bfloat16, torch.bfloat16: torch.float32}
+
+
+def name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def refused_params(dtype, side, **sides):
+    """check_dtypes must fail on `side`'s parameters, before running anything."""
+    other = name(OTHER[dtype])
+    with pytest.raises(AssertionError, match=rf"^{side}: row dtype {name(dtype)}, but parameters in {other}: "):
+        bench.check_dtypes(dtype, **sides)
+
+
+def refused_activations(dtype, side, where, **sides):
+    msg = f"{side}: row dtype {name(dtype)}, but activations entering {where} in {name(OTHER[dtype])}"
+    with pytest.raises(AssertionError, match=f"^{re.escape(msg)}$"):
+        bench.check_dtypes(dtype, **sides)
+
+
+def cast_output(module, dtype):
+    """A forward hook that hands the next module activations in `dtype` (a mislabelled row)."""
+    return module.register_forward_hook(lambda mod, args, out: out.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=name)
+def test_decode_pair(dtype):
+    ref, ours = bench._decode_pair("tiny", dtype)
+    idx = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    sides = dict(ours=(ours, ours.layers[0], lambda: ours.generate(idx, max_new_tokens=2)),
+                 hf=(ref, ref.model.layers[0], lambda: ref.generate(idx, attention_mask=torch.ones_like(idx),
+                                                                   max_new_tokens=2, do_sample=False, pad_token_id=0)))
+    out = bench.check_dtypes(dtype, **sides)
+    assert out["ours"][0] == out["hf"][0, 8:].tolist()
+    for side, embed in (("ours", ours.embed_tokens), ("hf", ref.model.embed_tokens)):
+        handle = cast_output(embed, OTHER[dtype])
+        refused_activations(dtype, side, "layers.0" if side == "ours" else "model.layers.0", **{side: sides[side]})
+        handle.remove()
+    ref.to(OTHER[dtype])
+    refused_params(dtype, "hf", **sides)
+    ours.to(OTHER[dtype])
+    refused_params(dtype, "ours", **sides)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=name)
+def test_load_pair(dtype, tmp_path):
+    ref, _ = bench._decode_pair("tiny", dtype)
+    src, dst = str(tmp_path / "hf"), str(tmp_path / "ours")
+    ref.save_pretrained(src)
+    bench._load_side("convert", src, dst, dtype)
+    sides = {side: (bench._load_side(side, src, dst, dtype), None, None) for side in ("ours", "hf")}
+    bench.check_dtypes(dtype, **sides)
+    refused_params(dtype, "hf", **{**sides, "hf": (bench._load_side("hf", src, dst, OTHER[dtype]), None, None)})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=name)
+def test_vision_pair(dtype):
+    ours, hf = bench._vision_pair(ViTConfig.preset("tiny"), QFormerConfig.preset("tiny"), dtype)
+    x = torch.randn(1, 3, 56, 56).to(dtype)
+    sides = dict(ours=(ours, ours.vit.blocks[0], lambda: ours.qformer(ours.vit(x))),
+                 hf=(hf, hf.vision_model.encoder.layers[0], lambda: hf.get_qformer_features(x)))
+    with torch.inference_mode():
+        out = bench.check_dtypes(dtype, **sides)
+    torch.testing.assert_close(out["ours"], out["hf"])
+    handle = cast_output(hf.vision_model.embeddings, OTHER[dtype])
+    refused_activations(dtype, "hf", "vision_model.encoder.layers.0", **sides)
+    handle.remove()
+    ours.vit.to(OTHER[dtype])
+    refused_params(dtype, "ours", **sides)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=name)
+def test_chat_pair(dtype):
+    ours, hf = bench._chat_pair("toy", dtype)
+    ids = bench._chat_prompt(ours.config)
+    pixels = torch.randn(1, 3, ours.config.vit.img_size, ours.config.vit.img_size).to(dtype)
+    sides = dict(ours=(ours, ours.llm.layers[0], lambda: ours.generate(ids, pixels, max_new_tokens=2)),
+                 hf=(hf, hf.language_model.model.layers[0],
+                     lambda: hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                         max_new_tokens=2, do_sample=False, pad_token_id=0)))
+    with torch.inference_mode():
+        out = bench.check_dtypes(dtype, **sides)
+    assert out["ours"][0] == out["hf"][0, -2:].tolist()
+    # the embeddings our MultimodalLM.embed returns, in the other dtype
+    embed = ours.embed
+    ours.embed = lambda *args: embed(*args).to(OTHER[dtype])
+    refused_activations(dtype, "ours", "llm.layers.0", **sides)
+    ours.embed = embed
+    hf.language_model.to(OTHER[dtype])  # the LLM only: the vision side stays in the row's dtype
+    refused_params(dtype, "hf", **sides)
+
+
+def test_bench_rows_run_checked(capsys):
+    """The bench functions themselves at tiny sizes (bf16: the rows once mislabelled) pass the check."""
+    bench.bench_decode(new_tokens="2", repeat="1", presets="tiny", dtypes="bfloat16")
+    bench.bench_chat(new_tokens="2", repeat="1", models="toy", dtypes="bfloat16")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("tiny", "toy"))]
+    assert [row[:2] + row[-1:] for row in rows] == [["tiny", "bfloat16", "True"], ["toy", "bfloat16", "True"]]
+
+
+def _pipeline_cases(rank):
+    for dtype in DTYPES:
+        _, _, sides = bench._pipeline_pair(rank, dtype, m=2, b=1, T=16, n_layer=2, width=64)
+        bench.check_dtypes(dtype, **sides)  # one 1F1B step of each side
+        sides["torch"][0].to(OTHER[dtype])  # the one module both sides share
+        refused_params(dtype, "torch", torch=sides["torch"])
+
+
+def _entry(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    _pipeline_cases(rank)
+    dist.destroy_process_group()
+
+
+def test_pipeline_pair():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_entry, args=(port,), nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the pipeline pair did not finish in 120 s")
