@@ -5,7 +5,7 @@ Reproduces the input side of MiniGPT4Qwen / MPP-Qwen-Next: BLIP-2 image preproce
 `<Img><ImageHere></Img>` placeholder whose `<ImageHere>` becomes num_query_tokens copies of
 `<|extra_0|>`, videos as up to 32 frames sampled at a fixed interval, and ChatML with the loss mask
 of Qwen's finetune recipe. The public row formats (LLaVA, Video-ChatGPT, MiniGPT4Qwen, Qwen-VL)
-are read by formats.py; `python data.py check FILE --image_root DIR` reports on a file (datacheck.py).
+are read by formats.py; `python datacheck.py FILE --image_root DIR` reports on a file.
 Image preprocessing lives here rather than in vit.py so that model files import with torch alone:
 Pillow and PyAV are data concerns.
 
@@ -389,11 +389,3 @@ def collate(samples, pad_id, fixed_len=None):
     if any("task" in s for s in samples):
         batch["task"] = [s.get("task") for s in samples]
     return batch
-
-
-if __name__ == "__main__":  # `python data.py check FILE ...`: the checker sits above train.py (presets)
-    import sys
-    if sys.argv[1:2] != ["check"]:
-        sys.exit("usage: python data.py check FILE --image_root DIR [--preset NAME] (see datacheck.py)")
-    import datacheck
-    sys.exit(datacheck.main(sys.argv[2:]))

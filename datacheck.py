@@ -1,8 +1,8 @@
 """
-`python data.py check FILE`: what a training file holds, told before a run finds out the hard way.
+`python datacheck.py FILE`: what a training file holds, told before a run finds out the hard way.
 
-    python data.py check data/llava_pretrain.json --image_root data/images --preset mpp-qwen7b-pretrain
-    python data.py check data/sft.json --preset mpp-qwen7b-sft --decode --sample 2000
+    python datacheck.py data/llava_pretrain.json --image_root data/images --preset mpp-qwen7b-pretrain
+    python datacheck.py data/sft.json --preset mpp-qwen7b-sft --decode --sample 2000
 
 Prints the rows read per format, the rows per kind (single image, multi-image, video, text-only;
 multi-turn), the bad rows with their first reasons, the missing files, token lengths after the
@@ -160,7 +160,7 @@ def _count(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python data.py check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python datacheck.py", description=__doc__.split("\n\n")[0])
     p.add_argument("file")
     p.add_argument("--image_root", help="the folder the rows' paths are relative to (default: the preset's)")
     p.add_argument("--preset", default="toy", help="a train.py preset: max_len, tokenizer, query tokens, frames")

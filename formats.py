@@ -23,7 +23,7 @@ video=bool, kind, format, task), with every image or video marked in the text by
   path becomes a placeholder, "Picture 1: " and `<ref>`/`<box>` stay as text.
 
 A module of its own, below data.py (which tokenizes and decodes pixels), so that VLDataset and
-`python data.py check` share one reader, and data.py stays readable in one sitting: the layouts, a
+`python datacheck.py` share one reader, and data.py stays readable in one sitting: the layouts, a
 streaming JSON reader (a 665k-row, 1 GB list is never held as one object tree) and MediaIndex (one
 directory listing instead of a stat per row) are 250 lines of their own.
 """

@@ -1,4 +1,4 @@
-"""formats.py and `python data.py check`: each public layout, with rows shaped as in the published
+"""formats.py and `python datacheck.py`: each public layout, with rows shaped as in the published
 files (written here, with their images and videos), parses into the right turns, media and kind;
 bad rows give exact messages; the checker's summary has exact counts and agrees with VLDataset."""
 import json
@@ -315,7 +315,7 @@ def test_check_bad_rows_exit_nonzero_with_reasons(root, capsys):
 
 def test_check_command_line(root):
     (root / "one.json").write_text(json.dumps([PRETRAIN, dict(PRETRAIN, image="nope.jpg")]))
-    cmd = [sys.executable, os.path.join(ROOT, "data.py"), "check", str(root / "one.json"), "--image_root", str(root),
+    cmd = [sys.executable, os.path.join(ROOT, "datacheck.py"), str(root / "one.json"), "--image_root", str(root),
            "--preset", "mpp-qwen7b-pretrain"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert p.returncode == 1, p.stderr
@@ -325,7 +325,7 @@ def test_check_command_line(root):
     assert lines[1].startswith("tokenizer: TOY byte-level tokenizer (checkpoints/qwen7b-chat not found)")
     assert f"  row 1 (id '004539375'): image file not found: {root}/nope.jpg" in lines
     (root / "dict.json").write_text('{"data": []}')
-    p = subprocess.run(cmd[:3] + [str(root / "dict.json")], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    p = subprocess.run(cmd[:2] + [str(root / "dict.json")], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert p.returncode == 2 and p.stdout.splitlines()[-1].startswith(f"error: {root}/dict.json: expected a JSON list")
 
 

@@ -14,15 +14,9 @@ LAYERS = [{"vit", "qformer", "qwen", "ckpt"}, {"phi"}, {"model"}, {"tokenizer", 
 TOOLS = {"convert", "chat", "serve", "download", "bench"}
 
 
-def is_main(node):
-    return isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test)
-
-
 def imports(name):
-    """Project modules `name` imports, anywhere in the file except its `if __name__ == "__main__":`
-    block (a command line may hand over to a tool above it: `python data.py check` runs datacheck)."""
+    """Project modules `name` imports, anywhere in the file (a command-line block included)."""
     tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
-    tree.body = [node for node in tree.body if not is_main(node)]
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
