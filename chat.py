@@ -83,6 +83,9 @@ def load(path, device="cpu", dtype="fp32"):
         d = ckpt.resolve(d)  # a training run's directory: its latest complete step
     except ckpt.CheckpointError as e:
         raise ChatError(str(e)) from None
+    if os.path.isfile(os.path.join(d, "adapters.safetensors")) and not os.path.isfile(os.path.join(d, "model.safetensors")):
+        raise ChatError(f"{path} holds a LoRA run's adapters, not a whole model: merge them into their base "
+                        f"first (python convert.py lora {path} OUT_DIR), then chat with OUT_DIR")
     files = [f for f in ("config.json", "model.safetensors", "tokenizer_config.json")
              if not os.path.isfile(os.path.join(d, f))]
     if files or not (os.path.isdir(path) or os.path.basename(path) == "model.safetensors"):

@@ -16,6 +16,7 @@ directory with `model.safetensors` + `config.json` (+ the tokenizer beside an LL
     python convert.py minigpt4qwen model.pth out/mpp-stage1          # or unfreeze_llm_model.pth
     python convert.py minigpt4     pretrained_minigpt4.pth out/minigpt4-proj
     python convert.py stages       out/run/step-000200 out/run-merged  # pipeline shards -> one model
+    python convert.py lora         out/lora-run out/lora-merged        # a LoRA run's adapters -> its base
 
 Nothing in the project imports this file (bench.py and the tests do): training and chat read only
 our format. It is longer than the other tools because it holds one rename table and one config
@@ -31,6 +32,8 @@ from dataclasses import asdict
 import torch
 
 import ckpt
+import lora
+import train
 from ckpt import CheckpointError
 from data import IMAGE_TOKEN
 from model import LLMS, MultimodalLM, save_llm
@@ -501,6 +504,15 @@ def convert_stages(src, dst):
     has_tok = any(os.path.exists(os.path.join(src, f)) for f in ("tokenizer.tiktoken", "tokenizer.model"))
     extra = Tokenizer.load(src).files() if has_tok else {}
     model.save(dst, extra=extra)
+
+
+def convert_lora(src, dst):
+    """Merge a LoRA run's adapter-only checkpoint into its base: the base is rebuilt from the run's
+    train config and checked against the saved fingerprint (train.load_lora), each adapter is folded
+    into its weight (W += alpha/r * B A), and the result is one ordinary checkpoint, with the
+    tokenizer, that chat.py and further training load."""
+    model, tok = train.load_lora(src)
+    lora.merge(model).save(dst, extra=tok.files(), train=ckpt.load_config(src)["train"])
 
 
 if __name__ == "__main__":  # every convert_<kind>(src, dst) above is a CLI kind

@@ -434,23 +434,25 @@ class PipelineRunner(PipelineEngine):
         x = model.llm.forward_blocks(x, model.llm.layers.values(), attention_mask=mb.get("attention_mask"))
         return model.llm.head(x) if self.is_last else x
 
-    def shard_files(self, step):
-        """{file name: writer} of this stage's weights, for a save of `step` (ckpt.write_files into
-        the save's staging directory). The model config and the step travel in the metadata, so
-        ckpt.merge_stage_shards can rebuild one model and refuse shards of different steps."""
-        state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}  # clone: no shared storage
+    def shard_files(self, step, state=None):
+        """{file name: writer} of this stage's weights (or of `state`: a LoRA run saves only what it
+        trains), for a save of `step` (ckpt.write_files into the save's staging directory). The model
+        config and the step travel in the metadata, so ckpt.merge_stage_shards can rebuild one model
+        and refuse shards of different steps."""
+        state = self.module.state_dict() if state is None else state
+        state = {k: v.detach().cpu().clone() for k, v in state.items()}  # clone: no shared storage
         meta = {"stage": str(self.stage), "num_stages": str(self.num_stages), "step": str(step),
                 "config": json.dumps(self.module.config.to_dict())}
         return {ckpt.stage_shard_name(self.stage, self.num_stages): ckpt.safetensors_writer(state, meta)}
 
-    def load_shard(self, directory):
-        """Resume from this stage's shard in `directory` (same topology; every key must match).
-        Returns the step recorded in the shard."""
+    def load_shard(self, directory, load=ckpt.load_into):
+        """Resume from this stage's shard in `directory` (same topology; every key must match, as
+        `load(module, state)` checks). Returns the step recorded in the shard."""
         path = os.path.join(directory, ckpt.stage_shard_name(self.stage, self.num_stages))
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no shard for stage {self.stage} of {self.num_stages} "
                                     f"(was the checkpoint written with another number of stages?)")
-        ckpt.load_into(self.module, ckpt.read_file(path))
+        load(self.module, ckpt.read_file(path))
         return int(ckpt.read_metadata(path).get("step", -1))
 
 # ----------------------------------------------------------------------------- command line

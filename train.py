@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 import ckpt
+import lora
 import runtime
 from data import IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, VLDataset, collate
 from model import IGNORE, MMConfig, MultimodalLM, supervised_count
@@ -75,6 +76,9 @@ class Config:
     init_proj: str = ""
     tokenizer: str = ""          # a saved Tokenizer dir; default: init's, or the toy's corpus words
     freeze: str = ""             # comma separated parts (vit,qformer,proj,llm) or 'pretrain'/'sft'
+    lora_r: int = 0              # > 0: LoRA adapters of this rank on the LLM (lora.py), whose base stays frozen
+    lora_alpha: float = 16.0     # the adapters' update is scaled by lora_alpha / lora_r
+    lora_targets: str = "all"    # the blocks' Linears that get one: 'all' or names, e.g. q_proj,v_proj
     loss_norm: str = "sample"
     image_size: int = 32
     num_query: int = 16
@@ -234,7 +238,33 @@ def build(cfg, words, lazy=False):
         model, state = model
     if cfg.grad_checkpointing:
         model.vit.grad_checkpointing = model.llm.grad_checkpointing = True
+    if cfg.lora_r:  # frozen before a pipeline slices the model: a frozen tied head shares no gradient
+        model.llm.requires_grad_(False)
     return model, tok, state
+
+
+def load_lora(d):
+    """(model with its adapters, tokenizer) of a LoRA run's checkpoint: the base rebuilt as the run
+    built it (from its train config: init, init_* paths or the toy's seed) and checked against the
+    saved fingerprint, then the adapters and the other trained tensors loaded."""
+    saved = ckpt.load_config(d)
+    if "lora" not in saved:
+        raise ckpt.CheckpointError(f"{d}: not a LoRA checkpoint (its config.json has no 'lora' section)")
+    known = {f.name for f in fields(Config)}
+    cfg = Config(**{k: v for k, v in saved["train"].items() if k in known})
+    cfg.tokenizer = cfg.tokenizer or ckpt.resolve(d)  # a toy's vocabulary is saved beside the adapters
+    torch.manual_seed(cfg.seed)  # a from-scratch base is its seed's
+    model, tok, _ = build(cfg, [])
+    check_base(d, saved["lora"], lora.fingerprint(ckpt.state_of(model)))
+    lora.add_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.seed, saved["lora"]["base"])
+    lora.load_trainable(model, ckpt.read_file(os.path.join(ckpt.resolve(d), lora.ADAPTERS)))
+    return model, tok
+
+
+def check_base(d, saved, base):
+    if saved["base"] != base:
+        raise ckpt.CheckpointError(f"{d}: the base weights built from the run's config are not the ones its LoRA "
+                                   f"adapters were trained on (fingerprint {base[:12]} vs {saved['base'][:12]} saved)")
 
 
 def freeze_arg(text):
@@ -422,21 +452,33 @@ def save(cfg, model, tok, opt, step, runner=None):
     out_dir/step-NNNNNN, and only then does out_dir/latest move to it and the previous step go.
     Files: the weights in our format (chat.py loads out_dir), the tokenizer, config.json with this
     run's config and step, train_state.pt (optimizer + step, the data position). A pipeline run
-    also has each stage's shard and optimizer (train_state<s>.pt); rank 0 merges the shards."""
+    also has each stage's shard and optimizer (train_state<s>.pt); rank 0 merges the shards.
+    A LoRA run saves only what it trains: adapters.safetensors instead of model.safetensors, and
+    config.json's "lora" section with the base's fingerprint (`python convert.py lora` merges them)."""
     d = ckpt.step_dir(cfg.out_dir, step)
     rank0 = runner is None or dist.get_rank() == 0
     tmp = ckpt.begin(d) if rank0 else ckpt.staging(d)
     if runner is not None:
         dist.barrier()  # the staging directory exists
         if dist.get_rank(runner.dp_group) == 0:  # the first replica writes each stage
-            ckpt.write_files(tmp, {**runner.shard_files(step), f"train_state{runner.stage}.pt": _train_state(opt, step)})
+            shard = runner.shard_files(step, lora.trainable(runner.module) if cfg.lora_r else None)
+            ckpt.write_files(tmp, {**shard, f"train_state{runner.stage}.pt": _train_state(opt, step)})
         dist.barrier()  # every shard is on disk
         if rank0:
             paths = [os.path.join(tmp, ckpt.stage_shard_name(s, cfg.num_stages)) for s in range(cfg.num_stages)]
             state, meta = ckpt.merge_stage_shards(paths)
-            model, opt = MultimodalLM.from_state(state, json.loads(meta["config"])), None
+            opt = None  # each stage's optimizer is in its own train_state<s>.pt
+            if not cfg.lora_r:
+                model = MultimodalLM.from_state(state, json.loads(meta["config"]))
     if rank0:
-        files = {**model.files(train={**asdict(cfg), "step": step}), **tok.files(), "train_state.pt": _train_state(opt, step)}
+        run = {**asdict(cfg), "step": step}
+        if cfg.lora_r:
+            config = {"model": model.config.to_dict(), "train": run, "lora": model.lora}
+            weights = {lora.ADAPTERS: ckpt.safetensors_writer(state if runner else lora.trainable(model)),
+                       "config.json": json.dumps(config, indent=2) + "\n"}
+        else:
+            weights = model.files(train=run)
+        files = {**weights, **tok.files(), "train_state.pt": _train_state(opt, step)}
         ckpt.write_files(tmp, files)
         ckpt.commit(tmp, d)
         ckpt.set_latest(cfg.out_dir, d)
@@ -446,17 +488,23 @@ def save(cfg, model, tok, opt, step, runner=None):
 
 def resume(cfg, model, opt, runner=None):
     """Load out_dir's latest checkpoint into model (or this pipeline stage) and opt; returns its
-    step. Refuses, naming them, files that belong to different steps."""
+    step. Refuses, naming them, files that belong to different steps. A LoRA run loads its trained
+    tensors into the base it has built, after checking that base's fingerprint."""
     d = ckpt.resolve(cfg.out_dir)
     path = os.path.join(d, "train_state.pt" if runner is None else f"train_state{runner.stage}.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: {path} not found (no checkpoint in {cfg.out_dir})")
     state = torch.load(path, weights_only=True)
     steps = {path: state["step"], os.path.join(d, "config.json"): ckpt.load_config(d)["train"]["step"]}
-    if runner is None:
+    if cfg.lora_r:
+        check_base(d, ckpt.load_config(d)["lora"], model.lora["base"])
+    if runner is None and cfg.lora_r:
+        lora.load_trainable(model, ckpt.read_file(os.path.join(d, lora.ADAPTERS)))
+    elif runner is None:
         ckpt.load_into(model, ckpt.load(d)[0])
     else:
-        steps[os.path.join(d, ckpt.stage_shard_name(runner.stage, runner.num_stages))] = runner.load_shard(d)
+        shard = os.path.join(d, ckpt.stage_shard_name(runner.stage, runner.num_stages))
+        steps[shard] = runner.load_shard(d, lora.load_trainable if cfg.lora_r else ckpt.load_into)
     if len(set(steps.values())) != 1:
         raise ckpt.CheckpointError(f"--resume: the files of {d} belong to different steps: "
                                    + ", ".join(f"{p} step {s}" for p, s in steps.items()))
@@ -567,6 +615,7 @@ def train(cfg):
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, tok, state = build(cfg, datasets(cfg) if cfg.model == "toy" and not cfg.tokenizer else [], cfg.num_stages > 1)
+    base = lora.fingerprint(ckpt.state_of(model) if state is None else state) if cfg.lora_r else ""
     if state is None:
         model.to(device)
     train_ds, val_ds, chance = datasets(cfg, tok, model.config)
@@ -575,6 +624,8 @@ def train(cfg):
         runner = PipelineRunner(model, cfg.num_stages, cfg.schedule, pp_group, dp_group, device=device,
                                 seq_len=cfg.max_len, state=state)
     module = model if runner is None else runner.module
+    if cfg.lora_r:  # after slicing: each stage adds the adapters of its own blocks
+        lora.add_adapters(module, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.seed, base)
     opt = optimizer(cfg, module)
     step = resume(cfg, model, opt, runner) if cfg.resume else 0
     net = model
@@ -595,7 +646,8 @@ def train(cfg):
     def run_eval():
         if not (master and val_ds and cfg.eval_samples) or (runner and good_step != step):
             return acc  # a pipeline run evaluates the merged checkpoint, so only right after a save
-        eval_model = model if runner is None else MultimodalLM.from_checkpoint(cfg.out_dir).to(device)
+        saved = (load_lora(cfg.out_dir)[0] if cfg.lora_r else MultimodalLM.from_checkpoint(cfg.out_dir)) if runner else model
+        eval_model = saved.to(device)
         val_loss, new = evaluate(eval_model, val_ds, tok, cfg, ctx)
         log.val_curve.append((step, val_loss))
         log.write(dict(step=step, val_loss=val_loss, accuracy=new))
