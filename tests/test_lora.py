@@ -147,11 +147,6 @@ def test_lora_teaches_the_frozen_toy_a_new_task(trained, tmp_path):
     assert acc["colour"] >= chance["colour"] + 0.3, (acc, chance)
 
 
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
-
-
 def interrupt_after(n):
     """Wrap train.step_batches: a real SIGINT while the n-th step's batch is handed out."""
     import signal
@@ -212,3 +207,50 @@ def test_merge_exports_the_adapted_model_for_chat(trained, tmp_path):
         want = adapted.eval()(b)[0]
         torch.testing.assert_close(merged(b)[0], want, rtol=0, atol=1e-5)
         assert (base(b)[0] - want).abs().max() > 1e-3  # four LoRA steps changed the model
+
+
+def torchrun(args):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_ddp_and_pipeline_lora_runs_equal_one_process(trained, tmp_path):
+    """torchrun, 2 gloo processes (collectives time out after 60 s, the runs after 300 s): DDP with 4
+    rows per rank, and 2 pipeline stages (one decoder block and its adapters each) with 2 microbatches
+    of 4, stopped after 2 steps and resumed from its stage shards, against one process with 8 rows per
+    step: the same rows each step, so the same losses, gradient norms (the pipeline's over both stages),
+    final adapters, and held-out loss (the pipeline evaluates the adapters it saved, rebuilt on the
+    base by train.load_lora). The 4 steps are all warm-up, whose learning rates do not depend on
+    max_iters, so a run of 2 continued to 4 is the run of 4."""
+    args = lambda out, **kw: run_args(trained, tmp_path, out, max_iters=4, eval_samples=8, **kw)  # noqa: E731
+    train.train(train.parse_args(args("one", batch_size=8)))
+    pipeline = args("pipeline", batch_size=4, grad_accum=2, num_stages=2)
+    for name, launch in {"ddp": args("ddp", batch_size=4), "pipeline": pipeline + ["--max_iters=2"],
+                         "pipeline resumed": pipeline + ["--resume"]}.items():
+        p = torchrun(launch)
+        assert p.returncode == 0, (name, p.stderr[-3000:])
+    step = ckpt.resolve(tmp_path / "pipeline")
+    assert {"stage0-of-2.safetensors", "stage1-of-2.safetensors", lora.ADAPTERS} <= set(os.listdir(step))
+    assert "model.safetensors" not in os.listdir(step)
+
+    def read(name):
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        return ([r for r in records if "loss" in r], [r["val_loss"] for r in records if "val_loss" in r],
+                ckpt.read_file(os.path.join(ckpt.resolve(tmp_path / name), lora.ADAPTERS)))
+    want, want_eval, want_adapters = read("one")
+    assert [r["step"] for r in want] == [1, 2, 3, 4] and len(want_eval) == 1
+    for name in ("ddp", "pipeline"):
+        got, evals, adapters = read(name)
+        assert [r["step"] for r in got] == [1, 2, 3, 4], name
+        for key in ("loss", "grad_norm"):
+            assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-5), (name, key)
+        assert adapters.keys() == want_adapters.keys()
+        for k, t in adapters.items():
+            torch.testing.assert_close(t, want_adapters[k], rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
+        assert evals[-1] == pytest.approx(want_eval[-1], rel=1e-5), name
