@@ -9,6 +9,7 @@ writes a checkpoint to out/toy/ where `python chat.py` finds it.
     python train.py --preset=toy-long                  # 4x longer, for every task
     python train.py --max_iters=2000 --batch_size=16   # any Config field as --key=value
     python train.py --resume                           # continue out/<preset>/ exactly
+    python train.py --init=out/toy --freeze=sft --lora_r=8 --out_dir=out/lora  # LoRA (lora.py) on the LLM
     torchrun --nproc_per_node=4 train.py               # data parallel, one node
     torchrun --nproc_per_node=4 train.py --num_stages=2    # 2 pipeline stages x 2 replicas
     torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 train.py --preset=mpp-qwen7b-sft
@@ -248,23 +249,26 @@ def load_lora(d):
     built it (from its train config: init, init_* paths or the toy's seed) and checked against the
     saved fingerprint, then the adapters and the other trained tensors loaded."""
     saved = ckpt.load_config(d)
-    if "lora" not in saved:
-        raise ckpt.CheckpointError(f"{d}: not a LoRA checkpoint (its config.json has no 'lora' section)")
+    check_base(d, saved)
     known = {f.name for f in fields(Config)}
     cfg = Config(**{k: v for k, v in saved["train"].items() if k in known})
     cfg.tokenizer = cfg.tokenizer or ckpt.resolve(d)  # a toy's vocabulary is saved beside the adapters
     torch.manual_seed(cfg.seed)  # a from-scratch base is its seed's
     model, tok, _ = build(cfg, [])
-    check_base(d, saved["lora"], lora.fingerprint(ckpt.state_of(model)))
+    check_base(d, saved, lora.fingerprint(ckpt.state_of(model)))
     lora.add_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.seed, saved["lora"]["base"])
     lora.load_trainable(model, ckpt.read_file(os.path.join(ckpt.resolve(d), lora.ADAPTERS)))
     return model, tok
 
 
-def check_base(d, saved, base):
-    if saved["base"] != base:
-        raise ckpt.CheckpointError(f"{d}: the base weights built from the run's config are not the ones its LoRA "
-                                   f"adapters were trained on (fingerprint {base[:12]} vs {saved['base'][:12]} saved)")
+def check_base(d, saved, base=None):
+    """Refuse a checkpoint (its config.json: `saved`) that is not a LoRA run's, or whose adapters
+    were trained on another base than the one of fingerprint `base`."""
+    if "lora" not in saved:
+        raise ckpt.CheckpointError(f"{d}: not a LoRA checkpoint (its config.json has no 'lora' section)")
+    if base is not None and saved["lora"]["base"] != base:
+        raise ckpt.CheckpointError(f"{d}: the base weights built from the run's config are not the ones its LoRA adapters "
+                                   f"were trained on (fingerprint {base[:12]} vs {saved['lora']['base'][:12]} saved)")
 
 
 def freeze_arg(text):
@@ -494,10 +498,10 @@ def resume(cfg, model, opt, runner=None):
     path = os.path.join(d, "train_state.pt" if runner is None else f"train_state{runner.stage}.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: {path} not found (no checkpoint in {cfg.out_dir})")
-    state = torch.load(path, weights_only=True)
-    steps = {path: state["step"], os.path.join(d, "config.json"): ckpt.load_config(d)["train"]["step"]}
+    state, saved = torch.load(path, weights_only=True), ckpt.load_config(d)
+    steps = {path: state["step"], os.path.join(d, "config.json"): saved["train"]["step"]}
     if cfg.lora_r:
-        check_base(d, ckpt.load_config(d)["lora"], model.lora["base"])
+        check_base(d, saved, model.lora["base"])
     if runner is None and cfg.lora_r:
         lora.load_trainable(model, ckpt.read_file(os.path.join(d, lora.ADAPTERS)))
     elif runner is None:
@@ -646,8 +650,9 @@ def train(cfg):
     def run_eval():
         if not (master and val_ds and cfg.eval_samples) or (runner and good_step != step):
             return acc  # a pipeline run evaluates the merged checkpoint, so only right after a save
-        saved = (load_lora(cfg.out_dir)[0] if cfg.lora_r else MultimodalLM.from_checkpoint(cfg.out_dir)) if runner else model
-        eval_model = saved.to(device)
+        eval_model = model
+        if runner:  # the saved checkpoint; a LoRA run's is its adapters on the rebuilt base
+            eval_model = (load_lora(cfg.out_dir)[0] if cfg.lora_r else MultimodalLM.from_checkpoint(cfg.out_dir)).to(device)
         val_loss, new = evaluate(eval_model, val_ds, tok, cfg, ctx)
         log.val_curve.append((step, val_loss))
         log.write(dict(step=step, val_loss=val_loss, accuracy=new))
