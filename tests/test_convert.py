@@ -169,7 +169,7 @@ def test_cli(hf_dir, tmp_path):
         torch.testing.assert_close(m.eval()(idx)[0], ref(idx).logits, atol=1e-4, rtol=0)
     r = subprocess.run([sys.executable, "convert.py", "nope", "a", "b"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 1 and "usage: python convert.py {qwen2|qwen1|llama|phi|eva_vit_g|blip2_lavis|blip2_hf|minigpt4qwen|minigpt4|stages} SRC DST" in r.stderr
+    assert r.returncode == 1 and "usage: python convert.py {qwen2|qwen1|llama|phi|eva_vit_g|blip2_lavis|blip2_hf|minigpt4qwen|minigpt4|stages|lora} SRC DST" in r.stderr
 
 
 def test_tokenizer_travels_with_the_llm_and_gets_an_image_slot(tmp_path):
