@@ -92,6 +92,7 @@ class Config:
     eps: float = 1e-8
     grad_clip: float = 1.0
     dtype: str = "auto"          # 'auto' (bf16 where supported, else fp32), 'bf16', 'fp32'
+    frozen_dtype: str = "fp32"   # the frozen parts' weights: 'bf16' halves them (no master copy needed)
     grad_checkpointing: bool = False
     num_stages: int = 1          # > 1: pipeline parallel (torchrun, world size a multiple of it)
     schedule: str = "1f1b"
@@ -109,21 +110,49 @@ class Config:
 
 # The public recipes (MPP-Qwen-Next's configs; docs/reference.md): the ViT, Q-Former and queries stay
 # frozen; bf16; AdamW betas (0.9, 0.99), eps 1e-7, clip 1.0; paths are what convert.py was told to write.
+# Frozen parts are kept in bf16 (frozen_dtype): they need no fp32 master copy, no gradient and no
+# optimizer state. Batch sizes, stages and checkpointing are what `python train.py --preset=NAME
+# --plan` says fits the seed's GPUs (24 GB each; README "Memory plan").
 _BLIP2 = dict(init_vision="checkpoints/eva_vit_g,checkpoints/blip2", image_size=224, num_query=32, max_frames=32,
-              augment=True, loss_norm="token", eps=1e-7, dtype="bf16", min_lr=0.0, image_root="data/images",
-              eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="", num_workers=4)
+              augment=True, loss_norm="token", eps=1e-7, dtype="bf16", frozen_dtype="bf16", min_lr=0.0,
+              image_root="data/images", eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="",
+              num_workers=4)
+# MPP-Qwen-Next stage 1: only llm_proj learns, lr 1e-3, warmup 3%, max_txt_len 512, global batch 256
+_PRETRAIN = dict(_BLIP2, freeze="pretrain", max_len=512, lr=1e-3, data="data/llava_pretrain.json")
+# stage 2: llm_proj + the whole LLM from stage 1's output, lr 2e-5, warmup 10%, max_txt_len 1536, global batch 128
+_SFT = dict(_BLIP2, freeze="sft", max_len=1536, lr=2e-5, grad_checkpointing=True, data="data/sft.json")
 TRAIN_PRESETS = {
     "toy": dict(),
     "toy-long": dict(max_iters=15000, n_train=30000, eval_every=2500, ckpt_every=2500),
-    # MPP-Qwen-Next stage 1: only llm_proj learns, lr 1e-3, warmup 3%, global batch 256 (8 GPUs x 8 x 4)
-    "mpp-qwen7b-pretrain": dict(_BLIP2, model="minigpt4qwen", init_llm="checkpoints/qwen7b-chat",
-                                tokenizer="checkpoints/qwen7b-chat", freeze="pretrain", max_len=512,
-                                batch_size=8, grad_accum=4, lr=1e-3, warmup_iters=60, max_iters=2000,
-                                data="data/llava_pretrain.json"),
-    # stage 2: llm_proj + the whole LLM from stage 1's output, lr 2e-5, warmup 10%, global batch 128
-    "mpp-qwen7b-sft": dict(_BLIP2, model="minigpt4qwen", init="out/mpp-qwen7b-pretrain", freeze="sft",
-                           max_len=1536, batch_size=4, grad_accum=4, lr=2e-5, warmup_iters=100, max_iters=1000,
-                           grad_checkpointing=True, data="data/sft.json"),
+    # MPP-Qwen-Next on 8x RTX 3090: pretrain PP2 x DP4 (--num_stages=2), 4 replicas x 8 x 8 = 256
+    "mpp-qwen7b-pretrain": dict(_PRETRAIN, model="minigpt4qwen", init_llm="checkpoints/qwen7b-chat",
+                                tokenizer="checkpoints/qwen7b-chat", num_stages=2, batch_size=8, grad_accum=8,
+                                warmup_iters=60, max_iters=2000),
+    # SFT PP8 x DP1 (--num_stages=8): 1 replica x 4 x 32 = 128
+    "mpp-qwen7b-sft": dict(_SFT, model="minigpt4qwen", init="out/mpp-qwen7b-pretrain", num_stages=8,
+                           batch_size=4, grad_accum=32, warmup_iters=100, max_iters=1000),
+    # MPP-Qwen14B: both stages on 6x RTX 4090; Qwen-14B-Chat's 40 blocks, llm_proj 768 -> 5120.
+    # pretrain PP2 x DP3: 3 x 8 x 11 = 264 (~256); SFT PP6 x DP1: 4 x 32 = 128
+    "mpp-qwen14b-pretrain": dict(_PRETRAIN, model="mpp-qwen14b", init_llm="checkpoints/qwen14b-chat",
+                                 tokenizer="checkpoints/qwen14b-chat", num_stages=2, batch_size=8, grad_accum=11,
+                                 warmup_iters=60, max_iters=2000),
+    "mpp-qwen14b-sft": dict(_SFT, model="mpp-qwen14b", init="out/mpp-qwen14b-pretrain", num_stages=6,
+                            batch_size=4, grad_accum=32, warmup_iters=100, max_iters=1000),
+    # MiniGPT4Qwen (lavis/projects/deepspeed/train_zero0_3090x4.yaml): one stage on its 18.8k
+    # instructions, only llm_proj learns; lr 1e-4 -> 1e-6, 500 warm-up steps, 10 epochs, wd 0.05,
+    # max_txt_len 256 (image tokens included, as here), micro batch 2 x 16 accumulation x 4 GPUs = 128. Here on ONE 24 GB card:
+    # 2 x 64 = the same 128 per step; 18.8k / 128 = 147 steps an epoch, 10 epochs.
+    "minigpt4qwen": dict(_BLIP2, model="minigpt4qwen", init_llm="checkpoints/qwen7b-chat",
+                         tokenizer="checkpoints/qwen7b-chat", freeze="pretrain", max_len=256,
+                         batch_size=2, grad_accum=64, lr=1e-4, min_lr=1e-6, warmup_iters=500, max_iters=1470,
+                         weight_decay=0.05, data="data/minigpt4qwen_instructions.json"),
+    # MPP-Qwen-Next's stage 1 recipe on the small Qwen2.5-Instruct LLMs (one GPU each; our choice)
+    "mpp-qwen2.5-0.5b-pretrain": dict(_PRETRAIN, model="mpp-qwen2.5-0.5b", init_llm="checkpoints/qwen2.5-0.5b",
+                                      tokenizer="checkpoints/qwen2.5-0.5b", batch_size=32, grad_accum=8,
+                                      warmup_iters=60, max_iters=2000),
+    "mpp-qwen2.5-1.5b-pretrain": dict(_PRETRAIN, model="mpp-qwen2.5-1.5b", init_llm="checkpoints/qwen2.5-1.5b",
+                                      tokenizer="checkpoints/qwen2.5-1.5b", batch_size=16, grad_accum=16,
+                                      warmup_iters=60, max_iters=2000),
     # TinyGPT-V style: Phi-2 behind the two-Linear projection, projection trained first
     "tinygptv-phi2": dict(_BLIP2, model="tinygpt-v", init_llm="checkpoints/phi-2", tokenizer="checkpoints/phi-2",
                           freeze="pretrain", batch_size=8, grad_accum=4, lr=1e-3, min_lr=1e-5, warmup_iters=100,
@@ -136,6 +165,9 @@ TRAIN_PRESETS = {
                                        warmup_iters=200, max_iters=1000, weight_decay=0.05, eps=1e-8, beta2=0.999,
                                        data="data/cc_sbu_align.json"),
 }
+
+
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ConfigError(ValueError):
@@ -171,6 +203,11 @@ def parse_args(argv):
     cfg = Config(**TRAIN_PRESETS[preset], preset=preset)
     for key, text in pairs:
         setattr(cfg, key, parse_value(key, text, getattr(defaults, key)))
+    if cfg.frozen_dtype not in FROZEN_DTYPES:
+        raise ConfigError(f"--frozen_dtype={cfg.frozen_dtype!r}: expected one of {', '.join(FROZEN_DTYPES)}")
+    if cfg.frozen_dtype != "fp32" and cfg.dtype != "bf16":
+        raise ConfigError(f"--frozen_dtype={cfg.frozen_dtype} needs --dtype=bf16: the bf16 frozen parts and the "
+                          f"fp32 trainable ones meet inside one autocast (got --dtype={cfg.dtype})")
     cfg.out_dir = cfg.out_dir or os.path.join("out", preset)
     return cfg
 
@@ -232,6 +269,8 @@ def build(cfg, words, lazy=False):
                                         lazy=lazy, **overrides)
     if isinstance(model, tuple):
         model, state = model
+    for name in model.config.freeze:  # no gradient, no optimizer state: no need for an fp32 master copy
+        model.parts()[name].to(FROZEN_DTYPES[cfg.frozen_dtype])  # (lazy: on meta; the stage loads cast to it)
     if cfg.grad_checkpointing:
         model.vit.grad_checkpointing = model.llm.grad_checkpointing = True
     return model, tok, state
