@@ -171,6 +171,13 @@ class MultimodalLM(nn.Module):
             module.requires_grad_(name not in self.config.freeze)
         return self.train(self.training)
 
+    def cast_frozen(self, dtype):
+        """The frozen parts in `dtype` (e.g. bf16): they get no gradient and no optimizer state, so
+        they need no fp32 master copy. On the meta device this sets the dtype a later load casts to."""
+        for name in self.config.freeze:
+            self.parts()[name].to(dtype)
+        return self
+
     def train(self, mode=True):
         # Frozen parts stay in eval mode (as BLIP-2 keeps its frozen ViT): any dropout or
         # train-only behaviour would only add noise to features nobody learns from.

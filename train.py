@@ -269,8 +269,7 @@ def build(cfg, words, lazy=False):
                                         lazy=lazy, **overrides)
     if isinstance(model, tuple):
         model, state = model
-    for name in model.config.freeze:  # no gradient, no optimizer state: no need for an fp32 master copy
-        model.parts()[name].to(FROZEN_DTYPES[cfg.frozen_dtype])  # (lazy: on meta; the stage loads cast to it)
+    model.cast_frozen(FROZEN_DTYPES[cfg.frozen_dtype])  # lazy: on meta; the stage's load casts to it
     if cfg.grad_checkpointing:
         model.vit.grad_checkpointing = model.llm.grad_checkpointing = True
     return model, tok, state
