@@ -139,11 +139,12 @@ def _stage_forward(model, lo, hi, first, last, B, T, x_dtype):
     return x
 
 
-def plan_training(config, batch_size, seq_len, grad_accum=1, num_stages=1, nproc=1, schedule="1f1b",
+def plan_training(config, batch_size, seq_len, grad_accum=1, num_stages=1, nproc=None, schedule="1f1b",
                   grad_checkpointing=False, frozen_dtype=torch.float32, autocast=True, device="cuda"):
     """One dict per pipeline stage: blocks, params, trainable, and the bytes of weights, grads,
     optimizer, dp_buffer, activations (one microbatch's fwd+bwd peak plus the other in-flight
     microbatches), optimizer_step (its temporaries), peak, in_flight."""
+    nproc = nproc or num_stages  # default: one replica
     if nproc % num_stages:
         raise ValueError(f"--nproc={nproc} is not a multiple of --num_stages={num_stages}")
     mode, model = fake_model(config, frozen_dtype, grad_checkpointing)

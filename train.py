@@ -9,6 +9,7 @@ writes a checkpoint to out/toy/ where `python chat.py` finds it.
     python train.py --preset=toy-long                  # 4x longer, for every task
     python train.py --max_iters=2000 --batch_size=16   # any Config field as --key=value
     python train.py --resume                           # continue out/<preset>/ exactly
+    python train.py --preset=mpp-qwen7b-sft --plan --nproc=8 --device_memory=24GB  # memory per GPU (plan.py)
     torchrun --nproc_per_node=4 train.py               # data parallel, one node
     torchrun --nproc_per_node=4 train.py --num_stages=2    # 2 pipeline stages x 2 replicas
     torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 train.py --preset=mpp-qwen7b-sft
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 import ckpt
+import plan
 import runtime
 from data import IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, VLDataset, collate
 from model import IGNORE, MMConfig, MultimodalLM, supervised_count
@@ -648,7 +650,8 @@ def train(cfg):
                 g["lr"] = lr_at(cfg, step) * g["scale"]
             count = step_count(micro, cfg.loss_norm, dp_group)
             if runner:
-                loss = runner.step(micro, count)
+                with ctx:  # one autocast region for the step: bf16 weight copies made once, not per microbatch
+                    loss = runner.step(micro, count)
                 norm = runner.clip_grad_norm_(cfg.grad_clip)
             else:
                 loss = forward_backward(net, micro, count, ctx, device, dp_group)
@@ -687,12 +690,52 @@ def train(cfg):
     return log.curve, acc
 
 
+def plan_config(cfg):
+    """The MMConfig a run of cfg would build, without weights: the toy's, an existing --init
+    checkpoint's config.json, else the public model preset at the run's image size and queries."""
+    freeze = {"freeze": freeze_arg(cfg.freeze)} if cfg.freeze else {}
+    if cfg.model == "toy" and not cfg.init:
+        return build(cfg, [] if cfg.tokenizer else datasets(cfg))[0].config
+    if cfg.init and os.path.exists(cfg.init):
+        return MMConfig.from_dict({**ckpt.load_config(ckpt.resolve(cfg.init))["model"], **freeze})
+    config = MMConfig.preset(cfg.model, **freeze)
+    return replace(config, vit=replace(config.vit, img_size=cfg.image_size),
+                   qformer=replace(config.qformer, num_query=cfg.num_query))
+
+
+def print_plan(cfg, nproc, device_memory):
+    """train.py --plan: the memory per rank of this run (plan.py), no weights needed."""
+    nproc = nproc or cfg.num_stages
+    bf16 = cfg.dtype != "fp32"  # 'auto' is bf16 on the GPUs the plan is for
+    stages = plan.plan_training(plan_config(cfg), cfg.batch_size, cfg.max_len, cfg.grad_accum, cfg.num_stages, nproc,
+                                cfg.schedule, cfg.grad_checkpointing, FROZEN_DTYPES[cfg.frozen_dtype], bf16)
+    print(f"{cfg.preset}: {cfg.num_stages} stage(s) x {nproc // cfg.num_stages} replica(s) = {nproc} GPUs; microbatch "
+          f"{cfg.batch_size} x {cfg.max_len} tokens, {cfg.grad_accum} per step ({cfg.schedule if cfg.num_stages > 1 else 'accumulated'}); "
+          f"{'autocast bf16' if bf16 else 'fp32'}, frozen parts in {cfg.frozen_dtype}, gradient checkpointing "
+          f"{'on' if cfg.grad_checkpointing else 'off'}")
+    print(plan.format_training(stages, device_memory))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    planning = "--plan" in argv  # --plan [--nproc=N] [--device_memory=24GB]: print the memory plan, no training
+    extra = {a.partition("=")[0]: a.partition("=")[2] for a in argv if a.startswith(("--nproc=", "--device_memory="))}
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
+        if extra and not planning:
+            raise ConfigError(f"{', '.join(extra)} need --plan")
+        cfg = parse_args([a for a in argv if a != "--plan" and a.partition("=")[0] not in extra])
+        nproc = parse_value("nproc", extra["--nproc"], 0) if "--nproc" in extra else 0
+        memory = plan.parse_size(extra["--device_memory"]) if "--device_memory" in extra else None
+    except ValueError as e:  # ConfigError, or a bad --device_memory
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if planning:
+        try:
+            print_plan(cfg, nproc, memory)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         train(cfg)
     except FloatingPointError as e:

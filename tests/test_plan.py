@@ -89,5 +89,77 @@ def test_plan_matches_measured_peak(freeze, grad_checkpointing):
     assert abs(stage["peak"] - measured) <= 0.15 * measured, (stage["peak"] / 2 ** 20, measured / 2 ** 20)
 
 
+
+def test_plan_arithmetic_matches_the_model():
+    """Parameters per stage add up to the real model's; gradients, AdamW state and the data-parallel
+    buffer are 4, 8 and 4 bytes per trainable parameter; frozen weights count at 2 bytes; the
+    in-flight microbatches are the schedule's."""
+    config = small_config("sft")
+    with torch.device("meta"):
+        model = MultimodalLM(config)
+    numel = sum(p.numel() for p in model.parameters())
+    stages = plan.plan_training(config, 2, 64, grad_accum=4, num_stages=2, nproc=4, frozen_dtype=torch.bfloat16,
+                                device="cpu")
+    assert sum(s["params"] for s in stages) == numel
+    assert sum(s["trainable"] for s in stages) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for n in ("vit", "qformer") for p in model.parts()[n].parameters())
+    assert sum(s["weights"] for s in stages) == 2 * frozen + 4 * (numel - frozen)
+    for s in stages:
+        assert (s["grads"], s["optimizer"], s["dp_buffer"]) == (4 * s["trainable"], 8 * s["trainable"], 4 * s["trainable"])
+        assert s["peak"] == s["weights"] + 16 * s["trainable"] + max(s["activations"], s["optimizer_step"])
+    assert [s["in_flight"] for s in stages] == [2, 1]  # 1F1B: p - stage
+    gpipe = plan.plan_training(config, 2, 64, grad_accum=4, num_stages=2, schedule="gpipe", device="cpu")
+    assert [s["in_flight"] for s in gpipe] == [4, 4] and [s["blocks"] for s in gpipe] == [s["blocks"] for s in stages]
+    assert gpipe[0]["activations"] > stages[0]["activations"]
+
+
+def test_public_parameter_counts():
+    """The published sizes: Qwen-7B 7.72B, BLIP-2's EVA-ViT-g (39 of its 40 blocks) 0.99B."""
+    mode, model = plan.fake_model(MMConfig.preset("minigpt4qwen"))
+    ranges = [(0, model.config.llm.n_layer)]
+    counts = {}
+    for name, t in plan.stage_parts(model, ranges, 0):
+        if isinstance(t, torch.nn.Parameter):
+            counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + t.numel()
+    assert round(counts["llm"] / 1e9, 2) == 7.72 and round(counts["vit"] / 1e9, 2) == 0.99
+    assert counts["llm"] == sum(p.numel() for p in model.llm.parameters())
+
+
+def test_chat_plan_kv_cache():
+    config = small_config("sft")
+    p = plan.plan_chat(config, torch.bfloat16, context=128, new_tokens=32)
+    llm = config.llm
+    assert p["kv_cache"] == 2 * llm.n_layer * 128 * llm.n_kv_head * (llm.n_embd // llm.n_head) * 2
+    with torch.device("meta"):
+        model = MultimodalLM(config)
+    assert p["weights"] == 2 * sum(p.numel() for p in model.parameters())
+
+
+def test_frozen_dtype_casts_frozen_parts():
+    import train
+    cfg = train.parse_args(["--freeze=pretrain", "--dtype=bf16", "--frozen_dtype=bf16"])
+    model = train.build(cfg, ["red", "square"])[0]
+    assert {n: next(m.parameters()).dtype for n, m in model.parts().items()} == \
+        dict(vit=torch.bfloat16, qformer=torch.bfloat16, proj=torch.float32, llm=torch.bfloat16)
+
+
+def test_plan_command_line_errors(capsys):
+    import chat
+    import train
+    cases = {("--preset=huge", "--plan"): "error: unknown preset 'huge'; presets: toy, toy-long,",
+             ("--preset=minigpt4qwen", "--plan", "--device_memory=lots"):
+                 "error: --device_memory='lots': expected a size like 24GB or 8000MB",
+             ("--preset=mpp-qwen7b-pretrain", "--plan", "--nproc=3"): "error: --nproc=3 is not a multiple of --num_stages=2",
+             ("--nproc=8",): "error: --nproc need --plan"}
+    for argv, msg in cases.items():
+        assert train.main(list(argv)) == 2
+        assert capsys.readouterr().err.startswith(msg), argv
+    assert chat.main(["--plan", "--model=huge"]) == 1
+    assert capsys.readouterr().err.startswith("error: unknown model preset 'huge'")
+    assert chat.main(["--plan", "--model=tinygpt-v", "--device_memory=8 gigs"]) == 1
+    assert "expected a size like 24GB" in capsys.readouterr().err
+    assert plan.parse_size("24GB") == 24 * 2 ** 30 and plan.parse_size("8000MB") == 8000 * 2 ** 20
+
+
 if __name__ == "__main__":
     child(sys.argv[1], sys.argv[2] == "True")
