@@ -126,20 +126,23 @@ _SFT = dict(_BLIP2, freeze="sft", max_len=1536, lr=2e-5, grad_checkpointing=True
 TRAIN_PRESETS = {
     "toy": dict(),
     "toy-long": dict(max_iters=15000, n_train=30000, eval_every=2500, ckpt_every=2500),
-    # MPP-Qwen-Next on 8x RTX 3090: pretrain PP2 x DP4 (--num_stages=2), 4 replicas x 8 x 8 = 256
+    # MPP-Qwen-Next on 8x RTX 3090: pretrain PP2 x DP4 (--num_stages=2), 4 replicas x 4 x 16 = 256;
+    # microbatch 4, not 8: the plan puts 8 x 512 at 27 GB on stage 0 (fp32 logits of 152k tokens)
     "mpp-qwen7b-pretrain": dict(_PRETRAIN, model="minigpt4qwen", init_llm="checkpoints/qwen7b-chat",
-                                tokenizer="checkpoints/qwen7b-chat", num_stages=2, batch_size=8, grad_accum=8,
+                                tokenizer="checkpoints/qwen7b-chat", num_stages=2, batch_size=4, grad_accum=16,
                                 warmup_iters=60, max_iters=2000),
-    # SFT PP8 x DP1 (--num_stages=8): 1 replica x 4 x 32 = 128
+    # SFT PP8 x DP1 (--num_stages=8): 1 replica x 2 x 64 = 128 (the plan: microbatch 4 needs 24.6 GB)
     "mpp-qwen7b-sft": dict(_SFT, model="minigpt4qwen", init="out/mpp-qwen7b-pretrain", num_stages=8,
-                           batch_size=4, grad_accum=32, warmup_iters=100, max_iters=1000),
+                           batch_size=2, grad_accum=64, warmup_iters=100, max_iters=1000),
     # MPP-Qwen14B: both stages on 6x RTX 4090; Qwen-14B-Chat's 40 blocks, llm_proj 768 -> 5120.
-    # pretrain PP2 x DP3: 3 x 8 x 11 = 264 (~256); SFT PP6 x DP1: 4 x 32 = 128
+    # pretrain PP2 x DP3: 3 x 4 x 21 = 252 (256 is no multiple of 3), checkpointing to fit 24 GB.
+    # SFT PP6 x DP1, 1 x 1 x 128: full fp32 AdamW over 14.2B parameters is 35 GB a stage, so the
+    # plan says it does NOT fit 6x 24 GB (the seed's run cannot have been this; see README)
     "mpp-qwen14b-pretrain": dict(_PRETRAIN, model="mpp-qwen14b", init_llm="checkpoints/qwen14b-chat",
-                                 tokenizer="checkpoints/qwen14b-chat", num_stages=2, batch_size=8, grad_accum=11,
-                                 warmup_iters=60, max_iters=2000),
+                                 tokenizer="checkpoints/qwen14b-chat", num_stages=2, batch_size=4, grad_accum=21,
+                                 grad_checkpointing=True, warmup_iters=60, max_iters=2000),
     "mpp-qwen14b-sft": dict(_SFT, model="mpp-qwen14b", init="out/mpp-qwen14b-pretrain", num_stages=6,
-                            batch_size=4, grad_accum=32, warmup_iters=100, max_iters=1000),
+                            batch_size=1, grad_accum=128, warmup_iters=100, max_iters=1000),
     # MiniGPT4Qwen (lavis/projects/deepspeed/train_zero0_3090x4.yaml): one stage on its 18.8k
     # instructions, only llm_proj learns; lr 1e-4 -> 1e-6, 500 warm-up steps, 10 epochs, wd 0.05,
     # max_txt_len 256 (image tokens included, as here), micro batch 2 x 16 accumulation x 4 GPUs = 128. Here on ONE 24 GB card:
@@ -148,12 +151,13 @@ TRAIN_PRESETS = {
                          tokenizer="checkpoints/qwen7b-chat", freeze="pretrain", max_len=256,
                          batch_size=2, grad_accum=64, lr=1e-4, min_lr=1e-6, warmup_iters=500, max_iters=1470,
                          weight_decay=0.05, data="data/minigpt4qwen_instructions.json"),
-    # MPP-Qwen-Next's stage 1 recipe on the small Qwen2.5-Instruct LLMs (one GPU each; our choice)
+    # MPP-Qwen-Next's stage 1 recipe on the small Qwen2.5-Instruct LLMs, one 24 GB GPU, 8 x 32 = 256
+    # (our choice; microbatch 8: the fp32 logits over 152k tokens dominate these small models)
     "mpp-qwen2.5-0.5b-pretrain": dict(_PRETRAIN, model="mpp-qwen2.5-0.5b", init_llm="checkpoints/qwen2.5-0.5b",
-                                      tokenizer="checkpoints/qwen2.5-0.5b", batch_size=32, grad_accum=8,
+                                      tokenizer="checkpoints/qwen2.5-0.5b", batch_size=8, grad_accum=32,
                                       warmup_iters=60, max_iters=2000),
     "mpp-qwen2.5-1.5b-pretrain": dict(_PRETRAIN, model="mpp-qwen2.5-1.5b", init_llm="checkpoints/qwen2.5-1.5b",
-                                      tokenizer="checkpoints/qwen2.5-1.5b", batch_size=16, grad_accum=16,
+                                      tokenizer="checkpoints/qwen2.5-1.5b", batch_size=8, grad_accum=32,
                                       warmup_iters=60, max_iters=2000),
     # TinyGPT-V style: Phi-2 behind the two-Linear projection, projection trained first
     "tinygptv-phi2": dict(_BLIP2, model="tinygpt-v", init_llm="checkpoints/phi-2", tokenizer="checkpoints/phi-2",
