@@ -26,7 +26,8 @@ into stages by pipeline.split_layers exactly as PipelineRunner slices it, and ru
   per op) and per tensor on the CPU, as torch picks by default.
 
 peak = weights + gradients + optimizer + dp buffer + max(activations phase, optimizer-step
-temporaries). What this does not see: the CUDA context and allocator fragmentation (so a plan
+temporaries). The gradients are taken to exist through the whole backward (the steady state of
+accumulation and of a pipeline), so a step of a single microbatch may peak lower by up to them. What this does not see: the CUDA context and allocator fragmentation (so a plan
 "fits" only if its peak leaves 10% of the device free), NCCL buffers, and CPU-side data loading.
 The fake run uses the CPU's kernels; CUDA's flash/memory-efficient attention keeps O(T) per head
 as the CPU's flash kernel does (both take the unmasked causal path here), so the numbers carry
