@@ -726,7 +726,7 @@ def main(argv=None):
     extra = {a.partition("=")[0]: a.partition("=")[2] for a in argv if a.startswith(("--nproc=", "--device_memory="))}
     try:
         if extra and not planning:
-            raise ConfigError(f"{', '.join(extra)} need --plan")
+            raise ConfigError(f"{', '.join(extra)}: only with --plan")
         cfg = parse_args([a for a in argv if a != "--plan" and a.partition("=")[0] not in extra])
         nproc = parse_value("nproc", extra["--nproc"], 0) if "--nproc" in extra else 0
         memory = plan.parse_size(extra["--device_memory"]) if "--device_memory" in extra else None

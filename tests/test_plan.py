@@ -150,7 +150,7 @@ def test_plan_command_line_errors(capsys):
              ("--preset=minigpt4qwen", "--plan", "--device_memory=lots"):
                  "error: --device_memory='lots': expected a size like 24GB or 8000MB",
              ("--preset=mpp-qwen7b-pretrain", "--plan", "--nproc=3"): "error: --nproc=3 is not a multiple of --num_stages=2",
-             ("--nproc=8",): "error: --nproc need --plan"}
+             ("--nproc=8",): "error: --nproc: only with --plan"}
     for argv, msg in cases.items():
         assert train.main(list(argv)) == 2
         assert capsys.readouterr().err.startswith(msg), argv
