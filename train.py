@@ -270,10 +270,9 @@ def datasets(cfg, tok=None, config=None, pixels=True):
         return words
     make = lambda path, train: VLDataset(path, root, tok, config.qformer.num_query, cfg.image_size, cfg.max_len,
                                          train=train, max_frames=cfg.max_frames, template=LLM_TEMPLATES[config.llm_type])
-    train, val = make(train_json, cfg.augment), make(val_json, False) if val_json else None
-    for ds in (train, val) if val else (train,):
-        ds.load_media, ds.frames_must_match = pixels, cfg.num_stages > 1  # every stage: the same tokens
-    val = Cached(val) if val else None
+    train = make(train_json, cfg.augment)
+    train.load_media, train.frames_must_match = pixels, cfg.num_stages > 1  # every stage: the same tokens
+    val = Cached(make(val_json, False)) if val_json else None  # read by rank 0 (the first stage) only
     if val_json:
         with open(val_json) as f:
             rows = [r for r in json.load(f) if "task" in r]
