@@ -24,8 +24,9 @@ video=bool, kind, format, task), with every image or video marked in the text by
 
 A module of its own, below data.py (which tokenizes and decodes pixels), so that VLDataset and
 `python datacheck.py` share one reader, and data.py stays readable in one sitting: the layouts, a
-streaming JSON reader (a 665k-row, 1 GB list is never held as one object tree) and MediaIndex (one
-directory listing instead of a stat per row) are 250 lines of their own.
+streaming JSON reader (a 665k-row, 1 GB list is never held as one object tree; it gives each row's
+byte span, so that data.py's index can read one row again) and MediaIndex (one directory listing
+instead of a stat per row) are 300 lines of their own.
 """
 import codecs
 import json
