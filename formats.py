@@ -24,9 +24,11 @@ video=bool, kind, format, task), with every image or video marked in the text by
 
 A module of its own, below data.py (which tokenizes and decodes pixels), so that VLDataset and
 `python datacheck.py` share one reader, and data.py stays readable in one sitting: the layouts, a
-streaming JSON reader (a 665k-row, 1 GB list is never held as one object tree) and MediaIndex (one
-directory listing instead of a stat per row) are 250 lines of their own.
+streaming JSON reader (a 665k-row, 1 GB list is never held as one object tree; it gives each row's
+byte span, so that data.py's index can read one row again) and MediaIndex (one directory listing
+instead of a stat per row) are 300 lines of their own.
 """
+import codecs
 import json
 import os
 import re
@@ -50,30 +52,56 @@ class MissingMedia(ValueError):
     """A row names an image or video file that is not there (counted apart by the checker)."""
 
 
-def iter_rows(path, chunk=1 << 20):
-    """Yield the rows of a JSON list (`.json`) or of JSON lines (`.jsonl`) one at a time. The list
-    is decoded element by element by json's C scanner over a sliding buffer: memory is a chunk and
-    a row, not the whole file's object tree."""
+def iter_rows(path, chunk=1 << 20, spans=False):
+    """Yield the rows of a JSON list (`.json`) or of JSON lines (`.jsonl`) one at a time; with
+    spans, (row, byte offset, byte length) so that a row can be read again alone (read_row). The
+    list is decoded element by element by json's C scanner over a sliding buffer: memory is a
+    chunk and a row, not the whole file's object tree."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
-        if path.endswith(".jsonl"):
+    if path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            at = 0
             for n, line in enumerate(f, 1):
+                start, at = at, at + len(line)
+                if n == 1 and line.startswith(codecs.BOM_UTF8):  # a byte-order mark is not text
+                    line, start = line[3:], 3
                 if line.strip():
                     try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
+                        row = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
                         raise ValueError(f"{path}: invalid JSON on line {n} ({e})") from None
-            return
-        yield from _json_list(f, path, chunk)
+                    yield (row, start, len(line)) if spans else row
+        return
+    with open(path, "rb") as f:
+        bom = f.read(3) == codecs.BOM_UTF8
+    # newline="": the text keeps every byte's character, so character counts map to byte offsets
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for row, start, length in _json_list(f, path, chunk, 3 if bom else 0):
+            yield (row, start, length) if spans else row
 
 
-def _json_list(f, path, chunk):
+def read_row(path, offset, length):
+    """The row iter_rows(spans=True) found at (offset, length): one positional read, safe in any
+    process (no shared file position)."""
+    with open(path, "rb") as f:
+        return json.loads(os.pread(f.fileno(), length, offset))
+
+
+def _json_list(f, path, chunk, at):
+    """(row, byte offset, byte length) of each row; `at`: the bytes before the first character."""
     dec, buf, pos, seen, eof = json.JSONDecoder(), "", 0, 0, False  # seen: chars dropped from buf
+    mark = 0  # buf[:mark] is counted in `at` (bytes)
 
     def fill(n):  # keep buf[pos:], append n more characters
-        nonlocal buf, pos, seen, eof
+        nonlocal buf, pos, seen, eof, mark
+        byte_at(pos)
         more = f.read(n)
-        seen, buf, pos, eof = seen + pos, buf[pos:] + more, 0, not more
+        seen, buf, pos, eof, mark = seen + pos, buf[pos:] + more, 0, not more, 0
+
+    def byte_at(p):  # the byte offset of buf[p], counting each character once
+        nonlocal at, mark
+        at, mark = at + len(buf[mark:p].encode("utf-8")), p
+        return at
 
     def peek():  # the next non-blank character, '' at the end of the file
         nonlocal pos
@@ -84,45 +112,63 @@ def _json_list(f, path, chunk):
                 return buf[pos:pos + 1]
             fill(chunk)
 
-    def fail(msg, at):
-        raise ValueError(f"{path}: invalid JSON ({msg} at char {seen + at})")
+    def fail(msg, p):
+        raise ValueError(f"{path}: invalid JSON ({msg} at char {seen + p})")
 
-    first = peek()
-    if first == "{":  # MiniGPT-4's {"annotations": [...]}: small, read whole
-        try:
-            obj = json.loads(buf[pos:] + f.read())
-        except json.JSONDecodeError as e:
-            fail(e.msg, pos + e.pos)
-        if isinstance(obj.get("annotations"), list):
-            yield from obj["annotations"]
-            return
-    if first != "[":
-        got = {"{": "an object", "": "an empty file"}.get(first, f"text starting {first!r}")
-        raise ValueError(f"{path}: expected a JSON list of rows, got {got} ({SUPPORTED})")
-    pos += 1
-    if peek() == "]":
+    def value():  # one JSON value at pos; a value cut by the buffer's end is decoded again with more text
+        nonlocal pos
+        while True:
+            try:
+                v, end = dec.raw_decode(buf, pos)
+                if end < len(buf) or eof:
+                    break
+            except json.JSONDecodeError as e:
+                if eof:
+                    fail(e.msg, e.pos)
+            fill(max(chunk, len(buf) - pos))  # doubling: a long row costs log(size) reads
+        start = byte_at(pos)
+        pos = end
+        return v, start, byte_at(end) - start
+
+    def items(close, key=False):  # the elements of a list (or an object's key: value pairs) at pos
+        nonlocal pos
+        unterminated = "unterminated list" if close == "]" else "unterminated object"
         pos += 1
-    else:
+        if peek() == close:
+            pos += 1
+            return
         while True:
             if not peek():
-                fail("unterminated list", pos)
-            while True:  # one row; a row cut by the buffer's end is decoded again with more text
-                try:
-                    row, end = dec.raw_decode(buf, pos)
-                    if end < len(buf) or eof:
-                        break
-                except json.JSONDecodeError as e:
-                    if eof:
-                        fail(e.msg, e.pos)
-                fill(max(chunk, len(buf) - pos))  # doubling: a long row costs log(size) reads
-            yield row
-            pos = end
+                fail(unterminated, pos)
+            if key:
+                name, _, _ = value()
+                if peek() != ":":
+                    fail("expected ':'", pos)
+                pos += 1
+                peek()
+                yield name
+            else:
+                yield value()
             sep = peek()
-            if sep not in (",", "]"):
-                fail("expected ',' or ']'" if sep else "unterminated list", pos)
+            if sep not in (",", close):
+                fail(f"expected ',' or '{close}'" if sep else unterminated, pos)
             pos += 1
-            if sep == "]":
+            if sep == close:
                 break
+
+    first, found = peek(), False
+    if first == "[":
+        yield from items("]")
+    elif first == "{":  # MiniGPT-4's {"annotations": [...]}: its list is read as a file's
+        for name in items("}", key=True):
+            if name == "annotations" and peek() == "[" and not found:
+                found = True
+                yield from items("]")
+            else:
+                value()
+    if first != "[" and not found:
+        got = {"{": "an object", "": "an empty file"}.get(first, f"text starting {first!r}")
+        raise ValueError(f"{path}: expected a JSON list of rows, got {got} ({SUPPORTED})")
     if peek():
         fail("data after the list", pos)
 

@@ -334,9 +334,10 @@ class Cached(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def datasets(cfg, tok=None, config=None):
+def datasets(cfg, tok=None, config=None, pixels=True):
     """The toy corpus' words (tok None), else (train, held-out or None, chance levels or None) for
-    the model `config`: its num_query and its LLM family's chat template."""
+    the model `config`: its num_query and its LLM family's chat template. pixels=False (a pipeline's
+    later stages): items carry tokens only, no image or video is opened."""
     words, chance = [], None
     if cfg.data == "synthetic":
         d = make_synthetic(cfg.synthetic_root, cfg.seed, cfg.n_train, cfg.n_val, cfg.image_size)
@@ -348,7 +349,8 @@ def datasets(cfg, tok=None, config=None):
     make = lambda path, train: VLDataset(path, root, tok, config.qformer.num_query, cfg.image_size, cfg.max_len,
                                          train=train, max_frames=cfg.max_frames, template=LLM_TEMPLATES[config.llm_type])
     train = make(train_json, cfg.augment)
-    val = Cached(make(val_json, False)) if val_json else None
+    train.load_media, train.frames_must_match = pixels, cfg.num_stages > 1  # every stage: the same tokens
+    val = Cached(make(val_json, False)) if val_json else None  # read by rank 0 (the first stage) only
     if val_json:
         with open(val_json) as f:
             rows = [r for r in json.load(f) if "task" in r]
@@ -365,9 +367,9 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __init__(self, cfg, ds, pad_id, dp_rank, dp_size):
         self.cfg, self.ds, self.pad_id, self.dp_rank, self.dp_size = cfg, ds, pad_id, dp_rank, dp_size
-        samples = getattr(ds, "ds", ds).samples
-        self.easy = [i for i, s in enumerate(samples) if s["task"] in cfg.curriculum_tasks.split(",")]
-        self.everything = list(range(len(ds))) + [i for i, s in enumerate(samples) if s["task"] in cfg.oversample.split(",")]
+        rows = getattr(ds, "ds", ds)  # the VLDataset, also under Cached
+        self.easy = rows.rows_with_task(cfg.curriculum_tasks.split(","))
+        self.everything = list(range(len(ds))) + rows.rows_with_task(cfg.oversample.split(","))
         if cfg.curriculum_iters > 0 and not self.easy:
             raise ValueError(f"no training row has a task in curriculum_tasks={cfg.curriculum_tasks!r} "
                              f"(rows name it in a 'task' field); set --curriculum_iters=0 for data without tasks")
@@ -666,7 +668,7 @@ def train(cfg):
     base = lora.fingerprint(ckpt.state_of(model) if state is None else state) if cfg.lora_r else ""
     if state is None:
         model.to(device)
-    train_ds, val_ds, chance = datasets(cfg, tok, model.config)
+    train_ds, val_ds, chance = datasets(cfg, tok, model.config, pixels=pp_group is None or dist.get_rank(pp_group) == 0)
     n_params, runner = sum(p.numel() for p in model.parameters()), None  # the whole model's, before slicing
     if cfg.num_stages > 1:  # slices the model in place: this rank keeps (and loads) its stage only
         runner = PipelineRunner(model, cfg.num_stages, cfg.schedule, pp_group, dp_group, device=device,

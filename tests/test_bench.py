@@ -144,3 +144,16 @@ def test_pipeline_pair():
             for proc in ctx.processes:
                 proc.kill()
             pytest.fail("the pipeline pair did not finish in 120 s")
+
+
+def test_bench_data_rows_run(capsys, tmp_path):
+    """bench.py data at its smallest: the toy's loader rows, a start-up on a 300-row mix665k-shaped file
+    (built, then read from the index), the video rows."""
+    bench.bench_data("loader", "2", "toy")
+    bench.bench_data("startup", "300", "", "1", str(tmp_path))
+    out = capsys.readouterr().out.splitlines()
+    loader = [line for line in out if line.startswith("toy")]
+    assert [line.split()[1] for line in loader] == ["image", "video"] and all("waiting for data" in line for line in loader)
+    starts = [line for line in out if "peak RSS" in line]
+    assert len(starts) == 2 and "built True" in starts[0] and "built False" in starts[1]
+    assert len({re.search(r"\((\d+) rows", line)[1] for line in starts}) == 1  # the same rows both times

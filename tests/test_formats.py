@@ -229,6 +229,22 @@ def test_streaming_reader_matches_json_load(tmp_path, chunk):
     assert list(formats.iter_rows(p)) == rows
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 20])
+def test_row_spans_read_each_row_again_alone(tmp_path, chunk):
+    """iter_rows(spans=True) gives each row's bytes (after a byte-order mark, across \\r\\n, in non-ASCII
+    text, inside MiniGPT-4's object): read_row of a span is the row."""
+    rows = [PRETRAIN, QWENVL_TWO, {"e": "é" * 40, "k": "\u4e2d\r\n"}, 7]
+    texts = {"rows.json": "\ufeff" + json.dumps(rows, indent=4, ensure_ascii=False).replace("\n", "\r\n"),
+             "rows.jsonl": "\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n\n" for r in rows),
+             "cap.json": json.dumps({"info": {"a": [1]}, "annotations": rows, "z": "é"}, ensure_ascii=False)}
+    for name, text in texts.items():
+        p = tmp_path / name
+        p.write_bytes(text.encode())
+        got = list(formats.iter_rows(p, chunk, spans=True))
+        assert [r for r, _, _ in got] == rows
+        assert [formats.read_row(p, at, n) for _, at, n in got] == rows
+
+
 def test_every_format_trains_through_vldataset(root):
     rows = [PRETRAIN, INSTRUCT, MIX_COCO, MIX_VG, MIX_TEXT, VCG_RAW, VCG_TRAIN, MPP_ONE, MPP_MULTI, MPP_VIDEO,
             QWENVL_TEXT, QWENVL_BOX, QWENVL_TWO, MINDFORMERS]
