@@ -5,9 +5,10 @@ With no arguments it trains the toy model (the real architecture at tiny sizes) 
 the built-in synthetic dataset on the CPU, evaluates held-out exact-match accuracy per task and
 writes a checkpoint to out/toy/ where `python chat.py` finds it.
 
-    python train.py                                    # the toy: ~9.5 min on one CPU core (incl. data)
-    python train.py --preset=toy-long                  # 4x longer, for every task
-    python train.py --max_iters=2000 --batch_size=16   # any Config field as --key=value
+    python train.py                                    # the toy: 2 processes on a 2-core CPU, incl. data
+    python train.py --nproc=1 --batch_size=32          # the same steps in this one process
+    python train.py --preset=toy-long                  # 4x longer
+    python train.py --max_iters=2000 --batch_size=8    # any Config field as --key=value
     python train.py --resume                           # continue out/<preset>/ exactly
     torchrun --nproc_per_node=4 train.py               # data parallel, one node
     torchrun --nproc_per_node=4 train.py --num_stages=2    # 2 pipeline stages x 2 replicas
@@ -79,7 +80,7 @@ class Config:
     image_size: int = 32
     num_query: int = 16
     # optimisation: AdamW, linear warmup then cosine to min_lr
-    batch_size: int = 32         # per rank and microbatch
+    batch_size: int = 16         # per rank and microbatch (the toy: 2 processes x 16 = 32 rows a step)
     grad_accum: int = 1
     max_iters: int = 3700
     lr: float = 1e-3
@@ -97,21 +98,23 @@ class Config:
     schedule: str = "1f1b"
     # bookkeeping
     out_dir: str = ""            # default out/<preset>
-    eval_every: int = 1000
+    eval_every: int = 0          # 0: evaluate once, at the end
     eval_samples: int = 800
     log_every: int = 10
     ckpt_every: int = 1000
     resume: bool = False
     seed: int = 0
-    threads: int = 1             # torch CPU threads (0 = torch's default); the toy's tiny matrices
-                                 # run best on one thread per process: use torchrun for more cores
+    threads: int = 1             # torch CPU threads per process (0 = torch's default)
+    nproc: int = 2               # plain `python train.py` on a CPU runs as this many data-parallel
+                                 # gloo processes (at most one per core): tiny matrices keep one
+                                 # thread busy, not two, so a second core needs a second process
 
 
 # The public recipes (MPP-Qwen-Next's configs; docs/reference.md): the ViT, Q-Former and queries stay
 # frozen; bf16; AdamW betas (0.9, 0.99), eps 1e-7, clip 1.0; paths are what convert.py was told to write.
 _BLIP2 = dict(init_vision="checkpoints/eva_vit_g,checkpoints/blip2", image_size=224, num_query=32, max_frames=32,
               augment=True, loss_norm="token", eps=1e-7, dtype="bf16", min_lr=0.0, image_root="data/images",
-              eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="", num_workers=4)
+              eval_every=0, ckpt_every=200, threads=0, nproc=1, curriculum_iters=0, oversample="", num_workers=4)
 TRAIN_PRESETS = {
     "toy": dict(),
     "toy-long": dict(max_iters=15000, n_train=30000, eval_every=2500, ckpt_every=2500),
@@ -603,8 +606,9 @@ def train(cfg):
                       ", ".join(f"{t} {a:.0%}" for t, a in new.items()))
         return new
 
+    stopping = False  # stop.hit, agreed by every rank
     try:
-        while step < cfg.max_iters and not stop.hit:
+        while step < cfg.max_iters and not stopping:
             micro = next(batches)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step) * g["scale"]
@@ -621,6 +625,11 @@ def train(cfg):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            stopping = stop.hit
+            if distributed:  # a Ctrl-C lands mid-step at a different point on each rank: all stop after the same step
+                hit = torch.tensor(float(stopping))
+                dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+                stopping = bool(hit)
             tokens += sum(int(mb["attention_mask"].sum()) for mb in micro) * dp_size
             log.curve.append((step, loss))
             if step % cfg.log_every == 0 or step == cfg.max_iters:
@@ -629,7 +638,7 @@ def train(cfg):
                 log.write(dict(step=step, loss=loss, lr=lr_at(cfg, step - 1), grad_norm=float(norm) if norm is not None else None,
                                tokens_per_s=tps, time=time.time() - t0, cpu_time=time.process_time() - c0))
             log.bar.update(1)
-            if stop.hit or step == cfg.max_iters or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            if stopping or step == cfg.max_iters or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 if master or runner:
                     save(cfg, model, tok, opt, step, runner)
                 good_step = step
@@ -639,7 +648,7 @@ def train(cfg):
         stop.close()
         log.close(cfg.out_dir)
     if master:
-        if stop.hit:
+        if stopping:
             print(f"interrupted: saved step {step} to {cfg.out_dir}; continue with --resume")
         if acc:
             print(f"held-out exact match after {step} steps ({time.time() - t0:.0f}s):\n" + accuracy_table(acc, chance))
@@ -649,12 +658,39 @@ def train(cfg):
     return log.curve, acc
 
 
+def launch(argv, nproc):
+    """Plain `python train.py` on a CPU with several cores: run this script again as nproc
+    data-parallel gloo processes (what `torchrun --standalone --nproc_per_node=nproc` would start)
+    and wait for them. Ctrl-C goes to the workers (the terminal signals its whole process group):
+    they stop after the same step and save; a worker that fails takes the others down with it."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(nproc)]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while None in (codes := [p.poll() for p in procs]) and not any(codes):
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    return next((abs(p.wait()) for p in procs if p.wait()), 0)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = parse_args(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    nproc = min(cfg.nproc, os.cpu_count() or 1)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ and runtime.pick_device().type == "cpu":
+        datasets(cfg)  # the synthetic data is made once, here, before the workers look for it
+        return launch(argv, nproc)
     try:
         train(cfg)
     except FloatingPointError as e:
