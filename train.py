@@ -22,9 +22,10 @@ Checkpoints (ckpt.py): every save is a new out_dir/step-NNNNNN directory that ou
 to once it is complete, so a crash at any instant leaves the previous step whole; --resume refuses
 a step directory whose files belong to different steps.
 
-At about 670 lines this is twice nanoGPT's train.py because it is the one script for every
-run: the toy's from-scratch init and curriculum, the public presets, DDP and pipeline stages,
-held-out exact-match evaluation, background batch building, and saves that survive a crash.
+At about 700 lines this is twice nanoGPT's train.py because it is the one script for every
+run: the toy's from-scratch init and curriculum, the public presets, DDP (which plain `python`
+starts by itself on a multi-core CPU) and pipeline stages, held-out exact-match evaluation,
+background batch building, and saves that survive a crash.
 Read it top to bottom: config, model and data, evaluation, checkpoints, the step, train().
 """
 import json
