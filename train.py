@@ -6,7 +6,7 @@ the built-in synthetic dataset on the CPU, evaluates held-out exact-match accura
 writes a checkpoint to out/toy/ where `python chat.py` finds it.
 
     python train.py                                    # the toy: 2 processes on a 2-core CPU, incl. data
-    python train.py --nproc=1 --batch_size=32          # the same steps in this one process
+    python train.py --cpu_processes=1 --batch_size=32  # the same steps in this one process
     python train.py --preset=toy-long                  # 4x longer
     python train.py --max_iters=2000 --batch_size=8    # any Config field as --key=value
     python train.py --resume                           # continue out/<preset>/ exactly
@@ -106,16 +106,17 @@ class Config:
     resume: bool = False
     seed: int = 0
     threads: int = 1             # torch CPU threads per process (0 = torch's default)
-    nproc: int = 2               # plain `python train.py` on a CPU runs as this many data-parallel
+    cpu_processes: int = 2       # plain `python train.py` on a CPU runs as this many data-parallel
                                  # gloo processes (at most one per core): tiny matrices keep one
-                                 # thread busy, not two, so a second core needs a second process
+                                 # thread busy, not two, so a second core needs a second process.
+                                 # (Not `nproc`: torchrun would take --nproc as its --nproc-per-node.)
 
 
 # The public recipes (MPP-Qwen-Next's configs; docs/reference.md): the ViT, Q-Former and queries stay
 # frozen; bf16; AdamW betas (0.9, 0.99), eps 1e-7, clip 1.0; paths are what convert.py was told to write.
 _BLIP2 = dict(init_vision="checkpoints/eva_vit_g,checkpoints/blip2", image_size=224, num_query=32, max_frames=32,
               augment=True, loss_norm="token", eps=1e-7, dtype="bf16", min_lr=0.0, image_root="data/images",
-              eval_every=0, ckpt_every=200, threads=0, nproc=1, curriculum_iters=0, oversample="", num_workers=4)
+              eval_every=0, ckpt_every=200, threads=0, cpu_processes=1, curriculum_iters=0, oversample="", num_workers=4)
 TRAIN_PRESETS = {
     "toy": dict(),
     "toy-long": dict(max_iters=15000, n_train=30000, eval_every=2500, ckpt_every=2500),
@@ -688,7 +689,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    nproc = min(cfg.nproc, os.cpu_count() or 1)
+    nproc = min(cfg.cpu_processes, os.cpu_count() or 1)
     if nproc > 1 and "WORLD_SIZE" not in os.environ and runtime.pick_device().type == "cpu":
         datasets(cfg)  # the synthetic data is made once, here, before the workers look for it
         return launch(argv, nproc)
