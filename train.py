@@ -5,9 +5,10 @@ With no arguments it trains the toy model (the real architecture at tiny sizes) 
 the built-in synthetic dataset on the CPU, evaluates held-out exact-match accuracy per task and
 writes a checkpoint to out/toy/ where `python chat.py` finds it.
 
-    python train.py                                    # the toy: ~9.5 min on one CPU core (incl. data)
-    python train.py --preset=toy-long                  # 4x longer, for every task
-    python train.py --max_iters=2000 --batch_size=16   # any Config field as --key=value
+    python train.py                                    # the toy: ~9 min on one CPU core (incl. data)
+    python train.py --cpu_processes=2 --batch_size=16  # the same rows per step in 2 processes
+    python train.py --preset=toy-long                  # 4x longer
+    python train.py --max_iters=2000 --batch_size=8    # any Config field as --key=value
     python train.py --resume                           # continue out/<preset>/ exactly
     python train.py --init=out/toy --freeze=sft --lora_r=8 --out_dir=out/lora  # LoRA (lora.py) on the LLM
     python train.py --preset=mpp-qwen7b-sft --plan --nproc=8 --device_memory=24GB  # memory per GPU (plan.py)
@@ -23,9 +24,10 @@ Checkpoints (ckpt.py): every save is a new out_dir/step-NNNNNN directory that ou
 to once it is complete, so a crash at any instant leaves the previous step whole; --resume refuses
 a step directory whose files belong to different steps.
 
-At about 670 lines this is twice nanoGPT's train.py because it is the one script for every
-run: the toy's from-scratch init and curriculum, the public presets, DDP and pipeline stages,
-held-out exact-match evaluation, background batch building, and saves that survive a crash.
+At about 700 lines this is twice nanoGPT's train.py because it is the one script for every
+run: the toy's from-scratch init and curriculum, the public presets, DDP (which plain `python`
+starts by itself on a multi-core CPU) and pipeline stages, held-out exact-match evaluation,
+background batch building, and saves that survive a crash.
 Read it top to bottom: config, model and data, evaluation, checkpoints, the step, train().
 """
 import json
@@ -105,14 +107,17 @@ class Config:
     schedule: str = "1f1b"
     # bookkeeping
     out_dir: str = ""            # default out/<preset>
-    eval_every: int = 1000
+    eval_every: int = 0          # 0: evaluate once, at the end
     eval_samples: int = 800
     log_every: int = 10
     ckpt_every: int = 1000
     resume: bool = False
     seed: int = 0
-    threads: int = 1             # torch CPU threads (0 = torch's default); the toy's tiny matrices
-                                 # run best on one thread per process: use torchrun for more cores
+    threads: int = 1             # torch CPU threads per process (0 = torch's default)
+    cpu_processes: int = 1       # plain `python train.py` on a CPU runs as this many data-parallel
+                                 # gloo processes (at most one per core): tiny matrices keep one
+                                 # thread busy, not two, so a second core needs a second process.
+                                 # (Not `nproc`: torchrun would take --nproc as its --nproc-per-node.)
 
 
 # The public recipes (MPP-Qwen-Next's configs; docs/reference.md): the ViT, Q-Former and queries stay
@@ -122,7 +127,7 @@ class Config:
 # --plan` says fits the seed's GPUs (24 GB each; README "Memory plan").
 _BLIP2 = dict(init_vision="checkpoints/eva_vit_g,checkpoints/blip2", image_size=224, num_query=32, max_frames=32,
               augment=True, loss_norm="token", eps=1e-7, dtype="bf16", frozen_dtype="bf16", min_lr=0.0,
-              image_root="data/images", eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="",
+              image_root="data/images", eval_every=0, ckpt_every=200, threads=0, cpu_processes=1, curriculum_iters=0, oversample="",
               num_workers=4)
 # MPP-Qwen-Next stage 1: only llm_proj learns, lr 1e-3, warmup 3%, max_txt_len 512, global batch 256
 _PRETRAIN = dict(_BLIP2, freeze="pretrain", max_len=512, lr=1e-3, data="data/llava_pretrain.json")
@@ -706,8 +711,9 @@ def train(cfg):
                       ", ".join(f"{t} {a:.0%}" for t, a in new.items()))
         return new
 
+    stopping = False  # stop.hit, agreed by every rank
     try:
-        while step < cfg.max_iters and not stop.hit:
+        while step < cfg.max_iters and not stopping:
             micro = next(batches)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step) * g["scale"]
@@ -725,6 +731,11 @@ def train(cfg):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            stopping = stop.hit
+            if distributed:  # a Ctrl-C lands mid-step at a different point on each rank: all stop after the same step
+                hit = torch.tensor(float(stopping))
+                dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+                stopping = bool(hit)
             tokens += sum(int(mb["attention_mask"].sum()) for mb in micro) * dp_size
             log.curve.append((step, loss))
             if step % cfg.log_every == 0 or step == cfg.max_iters:
@@ -733,7 +744,7 @@ def train(cfg):
                 log.write(dict(step=step, loss=loss, lr=lr_at(cfg, step - 1), grad_norm=float(norm) if norm is not None else None,
                                tokens_per_s=tps, time=time.time() - t0, cpu_time=time.process_time() - c0))
             log.bar.update(1)
-            if stop.hit or step == cfg.max_iters or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            if stopping or step == cfg.max_iters or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 if master or runner:
                     save(cfg, model, tok, opt, step, runner)
                 good_step = step
@@ -743,7 +754,7 @@ def train(cfg):
         stop.close()
         log.close(cfg.out_dir)
     if master:
-        if stop.hit:
+        if stopping:
             print(f"interrupted: saved step {step} to {cfg.out_dir}; continue with --resume")
         if acc:
             print(f"held-out exact match after {step} steps ({time.time() - t0:.0f}s):\n" + accuracy_table(acc, chance))
@@ -779,6 +790,28 @@ def print_plan(cfg, nproc, device_memory):
     print(plan.format_training(stages, device_memory))
 
 
+def launch(argv, nproc):
+    """Plain `python train.py` on a CPU with several cores: run this script again as nproc
+    data-parallel gloo processes (what `torchrun --standalone --nproc_per_node=nproc` would start)
+    and wait for them. Ctrl-C goes to the workers (the terminal signals its whole process group):
+    they stop after the same step and save; a worker that fails takes the others down with it."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(nproc)]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while None in (codes := [p.poll() for p in procs]) and not any(codes):
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    return next((abs(p.wait()) for p in procs if p.wait()), 0)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     planning = "--plan" in argv  # --plan [--nproc=N] [--device_memory=24GB]: print the memory plan, no training
@@ -799,6 +832,10 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    nproc = min(cfg.cpu_processes, os.cpu_count() or 1)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ and runtime.pick_device().type == "cpu":
+        datasets(cfg)  # the synthetic data is made once, here, before the workers look for it
+        return launch(argv, nproc)
     try:
         train(cfg)
     except FloatingPointError as e:

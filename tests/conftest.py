@@ -116,7 +116,7 @@ def check_parity(ref, ours):
 SYNTHETIC = dict(n_train=400, n_val=160, image_size=16)
 TRAIN_ARGS = ["--n_train=400", "--n_val=160", "--image_size=16", "--num_query=4", "--max_len=64", "--max_iters=100",
               "--warmup_iters=20", "--curriculum_tasks=colour", "--curriculum_iters=1000000", "--eval_samples=8",
-              "--threads=1"]
+              "--threads=1", "--cpu_processes=1", "--batch_size=32"]
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,13 @@
-"""train.py: config parsing, a short run learns, exact resume after Ctrl-C, NaN stop, a crash at
-every step of a save then resume, held-out evaluation by the model's chat template, and DDP /
-accumulation gradients equal to one process on the whole batch (2 gloo processes)."""
+"""train.py: config parsing, a short run learns, exact resume after Ctrl-C, plain python as 2
+processes that stop together on Ctrl-C, NaN stop, a crash at every step of a save then resume,
+held-out evaluation by the model's chat template, and DDP / accumulation gradients equal to one
+process on the whole batch (2 gloo processes)."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_args(tmp_path, out="run", **kw):
     args = dict(synthetic_root=tmp_path / "data", out_dir=tmp_path / out, n_train=128, n_val=16, batch_size=8,
-                max_iters=12, warmup_iters=2, curriculum_iters=6, eval_every=0, eval_samples=16, log_every=1, ckpt_every=0, threads=1)
+                max_iters=12, warmup_iters=2, curriculum_iters=6, eval_every=0, eval_samples=16, log_every=1, ckpt_every=0, threads=1,
+                cpu_processes=1)
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -203,6 +206,25 @@ def test_a_crash_at_any_instant_of_a_save_resumes_exactly(tmp_path):
         rest, _ = train.train(train.parse_args(args(k) + ["--resume"]))
         assert rest == full[step:], f"crash after event {k} of {n}, resumed from step {step}"
     assert resumed_from == {2, 4}  # before the pointer moved, the old step; after it, the new one
+
+
+def test_plain_python_runs_two_processes_that_stop_together_on_ctrl_c(tmp_path):
+    """`python train.py` with cpu_processes=2 on a 2+ core CPU re-runs itself as 2 gloo
+    processes. Ctrl-C (SIGINT to the terminal's process group) lands mid-step at a different point
+    on each; they agree to stop after the same step, save it, and every process exits cleanly."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 CPU cores")
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "train.py", *tiny_args(tmp_path, cpu_processes=2, max_iters=100000)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while p.poll() is None and (not os.path.exists(out / "metrics.jsonl") or (out / "metrics.jsonl").read_text().count('"loss"') < 3):
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "2 data-parallel x 1 stage(s)" in stdout
+    step = int(stdout.split("interrupted: saved step ")[1].split()[0])
+    assert step >= 3 and ckpt.load_config(out)["train"]["step"] == step == len(losses(out))
 
 
 def losses(out_dir):
