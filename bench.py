@@ -1,7 +1,7 @@
 """
 Benchmarks: nanoMPP side by side with the HF `transformers` reference, in one run, with ratios.
 
-    python bench.py decode     # greedy decode tokens/s: qwen.py vs transformers generate
+    python bench.py decode     # greedy decode tokens/s: qwen.py (fp32, bf16, int8 weights) vs transformers generate
     python bench.py load       # peak RSS while converting and loading 0.5B
     python bench.py vision     # ViT + Q-Former forward time
     python bench.py pipeline   # our GPipe/1F1B vs torch.distributed.pipelining
@@ -72,48 +72,68 @@ def _decode_pair(preset, dtype):
     """Random weights shared by transformers' Qwen2ForCausalLM and our Qwen (no copy: our model
     adopts the reference's tensors)."""
     import transformers
-    from ckpt import load_into
-    from convert import QWEN2_IGNORE, QWEN2_RULES, remap
-    from qwen import Qwen, QwenConfig
+    from qwen import QwenConfig
     c = QwenConfig.preset(preset)
     torch.manual_seed(0)
     ref = transformers.Qwen2ForCausalLM(hf_qwen2_config(c)).to(dtype).eval()
+    return ref, _adopt(ref, c, dtype)
+
+
+def _adopt(ref, c, dtype):
+    """Our Qwen (config c) holding the reference's tensors themselves."""
+    from ckpt import load_into
+    from convert import QWEN2_IGNORE, QWEN2_RULES, remap
+    from qwen import Qwen
     with torch.device("meta"):
         ours = Qwen(c).to(dtype)
-    ours = load_into(ours, remap(ref.state_dict(), QWEN2_RULES, QWEN2_IGNORE)).eval()
-    return ref, ours
+    return load_into(ours, remap(ref.state_dict(), QWEN2_RULES, QWEN2_IGNORE)).eval()
 
 
 def _floor(model, prompt_len, new_tokens):
     """The decode's matrix products with no model code: the prompt through every weight once,
-    then one matrix-vector product per weight per new token."""
-    weights = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {w.shape[1]: torch.randn(1, prompt_len, w.shape[1], dtype=w.dtype) for w, _ in weights}
-    vs = {k: x[:, :1].clone() for k, x in xs.items()}
+    then one matrix-vector product per weight per new token. Float weights go through F.linear,
+    int8 ones (quant.Int8Linear) through the kernel they run on CPU, on bf16 inputs."""
+    import quant
+    mats = [(torch.nn.functional.linear, m.weight, m.bias, m.weight.dtype)
+            for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    mats += [(torch.ops.aten._weight_int8pack_mm, m.weight, m.scale, torch.bfloat16)
+             for m in model.modules() if isinstance(m, quant.Int8Linear)]
+    xs = {(w.shape[1], dt): torch.randn(prompt_len, w.shape[1], dtype=dt) for _, w, _, dt in mats}
+    vs = {k: x[:1].clone() for k, x in xs.items()}
 
     def run():
-        for w, b in weights:
-            torch.nn.functional.linear(xs[w.shape[1]], w, b)
+        for f, w, b, dt in mats:
+            f(xs[w.shape[1], dt], w, b)
         for _ in range(new_tokens):
-            for w, b in weights:
-                torch.nn.functional.linear(vs[w.shape[1]], w, b)
+            for f, w, b, dt in mats:
+                f(vs[w.shape[1], dt], w, b)
     return run
 
 
-def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtypes="float32,bfloat16", threads="2"):
+def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtypes="float32,bfloat16,int8",
+                 threads="2"):
     """Greedy decode tokens/s, ours vs transformers generate vs the floor; 2 threads, 64-token
     prompt. Runs alternate ours/hf/floor; medians of `repeat`. Wall-clock tokens/s, and the ratios
-    also by process CPU time, which other jobs on a shared machine disturb less."""
+    also by process CPU time, which other jobs on a shared machine disturb less. An int8 row is ours
+    with int8 weights (quant.py) against transformers in fp32 (it has no weight-only int8 CPU path
+    without extra packages such as bitsandbytes or torchao) and against ours in fp32, on the same
+    weights; its floor is the int8 kernel's mat-vecs; `same tokens` is how many of the first greedy
+    tokens match transformers fp32 (int8 rounding may flip a near tie on random weights)."""
+    import quant
     torch.set_num_threads(int(threads))
     n, repeat, prompt_len = int(new_tokens), int(repeat), 64
     print(f"greedy decode, batch 1, prompt {prompt_len}, {n} new tokens, {torch.get_num_threads()} threads, "
-          f"median of {repeat}; tokens/s = new tokens / generate time (prefill included)")
+          f"median of {repeat}; tokens/s = new tokens / generate time (prefill included); int8: hf is fp32")
     print(f"{'model':14} {'dtype':9} {'ours':>8} {'hf':>8} {'floor':>8} {'ours/hf':>8} {'ours/floor':>10} "
           f"{'cpu: ours/hf':>13} {'ours/floor':>10}  same tokens")
     for preset in presets.split(","):
         for dtype in dtypes.split(","):
-            dt = getattr(torch, dtype)
+            int8 = dtype == "int8"
+            dt = torch.float32 if int8 else getattr(torch, dtype)
             ref, ours = _decode_pair(preset, dt)
+            fp32 = ours
+            if int8:  # a second Qwen on the same tensors, its Linears then swapped for int8 copies
+                ours = quant.quantize(_adopt(ref, ours.config, dt))
             idx = torch.randint(0, ours.config.vocab_size, (1, prompt_len))
             ones = torch.ones_like(idx)
             fns = {
@@ -121,12 +141,17 @@ def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtyp
                 "hf": lambda: ref.generate(idx, attention_mask=ones, max_new_tokens=n, do_sample=False,
                                            pad_token_id=0)[:, prompt_len:],
                 "floor": _floor(ours, prompt_len, n),
+                **({"fp32": lambda: torch.tensor(fp32.generate(idx, max_new_tokens=n))} if int8 else {}),
             }
             wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
             with torch.no_grad():
                 out = check_dtypes(dt, ours=(ours, ours.layers[0], fns["ours"]),  # also the warm-up
-                                   hf=(ref, ref.model.layers[0], fns["hf"]))
+                                   hf=(ref, ref.model.layers[0], fns["hf"]),
+                                   **({"fp32": (fp32, fp32.layers[0], fns["fp32"])} if int8 else {}))
                 same = torch.equal(out["ours"], out["hf"])
+                if int8:
+                    agree = (out["ours"] == out["hf"]).int().cumprod(1).sum().item()  # the common prefix
+                    same = f"{agree}/{n}"
                 fns["floor"]()
                 for _ in range(repeat):
                     for k, fn in fns.items():
@@ -136,10 +161,11 @@ def bench_decode(new_tokens="128", repeat="3", presets="tiny,qwen2.5-0.5b", dtyp
                         cpu[k].append(time.process_time() - c)
             w = {k: n / statistics.median(v) for k, v in wall.items()}
             c = {k: n / statistics.median(v) for k, v in cpu.items()}
+            vs32 = f"  ours int8/fp32 {w['ours'] / w['fp32']:.2f}x (cpu {c['ours'] / c['fp32']:.2f}x)" if int8 else ""
             print(f"{preset:14} {dtype:9} {w['ours']:8.1f} {w['hf']:8.1f} {w['floor']:8.1f} "
                   f"{w['ours'] / w['hf']:7.2f}x {w['ours'] / w['floor']:9.0%} "
-                  f"{c['ours'] / c['hf']:12.2f}x {c['ours'] / c['floor']:9.0%}  {same}", flush=True)
-            del ref, ours, fns
+                  f"{c['ours'] / c['hf']:12.2f}x {c['ours'] / c['floor']:9.0%}  {same}{vs32}", flush=True)
+            del ref, ours, fp32, fns
 
 
 def _vm(field):

@@ -6,6 +6,7 @@ streamed token by token, Ctrl-C stops an answer, Ctrl-D (or :q) leaves.
     python chat.py                                  # the checkpoint the default `python train.py` writes
     python chat.py --ckpt DIR --device cuda --dtype bf16
     python chat.py --plan --model tinygpt-v --dtype bf16 --device_memory 8GB   # memory needed (plan.py)
+    python chat.py --dtype int8                     # the LLM's Linear weights in int8 (quant.py), the rest fp32
     python chat.py --image a.png --image b.png --prompt "are the two shapes the same colour?"
     echo "which way does the shape move?" | python chat.py --video v.mkv --prompt -
 
@@ -25,13 +26,15 @@ import torch
 
 import ckpt
 import plan
+import quant
 from data import IMAGE_HERE, IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, encode_conversation, load_image, load_video, preprocess
 from model import MMConfig, MultimodalLM
 from tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CKPT = os.path.join("out", "toy")  # where the default `python train.py` writes
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --dtype -> the dtype the checkpoint is loaded in; int8 then quantises the LLM's Linears (quant.py)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
 def parse_bool(s):
@@ -95,6 +98,8 @@ def load(path, device="cpu", dtype="fp32"):
                         f"model.safetensors and tokenizer files{'; missing ' + ', '.join(files) if files else ''})")
     try:
         model = MultimodalLM.from_checkpoint(d, dtype=DTYPES[dtype])
+        if dtype == "int8":
+            quant.quantize(model.llm)
         tok = Tokenizer.load(d)
         with open(os.path.join(d, "config.json")) as f:
             max_frames = json.load(f).get("train", {}).get("max_frames", 32)

@@ -117,6 +117,15 @@ def test_bench_rows_run_checked(capsys):
     assert [row[:2] + row[-1:] for row in rows] == [["tiny", "bfloat16", "True"], ["toy", "bfloat16", "True"]]
 
 
+def test_decode_int8_row(capsys):
+    """The int8 row: ours int8 (every Linear swapped) vs transformers fp32 and ours fp32, checked as fp32
+    activations, with its int8 floor; `same tokens` counts the common prefix with transformers."""
+    bench.bench_decode(new_tokens="2", repeat="1", presets="tiny", dtypes="int8")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")]
+    assert len(rows) == 1 and rows[0][:2] == ["tiny", "int8"] and rows[0][9] in ("0/2", "1/2", "2/2")
+    assert rows[0][10:12] == ["ours", "int8/fp32"] and rows[0][12].endswith("x"), rows
+
+
 def _pipeline_cases(rank):
     for dtype in DTYPES:
         _, _, sides = bench._pipeline_pair(rank, dtype, m=2, b=1, T=16, n_layer=2, width=64)
