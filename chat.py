@@ -370,6 +370,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.plan:
         try:
+            if args.dtype == "int8":
+                raise ValueError("--plan covers fp32, bf16 and fp16 weights; int8 (quant.py) is not planned yet")
             if args.model:
                 config = MMConfig.preset(args.model)
             else:

@@ -158,6 +158,8 @@ def test_plan_command_line_errors(capsys):
     assert capsys.readouterr().err.startswith("error: unknown model preset 'huge'")
     assert chat.main(["--plan", "--model=tinygpt-v", "--device_memory=8 gigs"]) == 1
     assert "expected a size like 24GB" in capsys.readouterr().err
+    assert chat.main(["--plan", "--model=tinygpt-v", "--dtype=int8"]) == 1
+    assert capsys.readouterr().err == "error: --plan covers fp32, bf16 and fp16 weights; int8 (quant.py) is not planned yet\n"
     assert plan.parse_size("24GB") == 24 * 2 ** 30 and plan.parse_size("8000MB") == 8000 * 2 ** 20
 
 
