@@ -245,14 +245,18 @@ class MultimodalLM(nn.Module):
         return cls.from_state(state, {**cfg["model"], **overrides}, dtype, lazy)
 
     @classmethod
-    def from_parts(cls, vision, llm, proj=None, dtype=torch.float32, image_size=None, lazy=False, **overrides):
+    def from_parts(cls, vision, llm, proj=None, dtype=torch.float32, image_size=None, lazy=False, proj_type=None,
+                   **overrides):
         """Assemble converted public pieces (convert.py output): `vision` = one or more vision
         directories (eva_vit_g, blip2_lavis, blip2_hf) that together hold vit.* and qformer.*;
         `llm` = a qwen1/qwen2/phi directory; `proj` = a converted MiniGPT4Qwen checkpoint (stage 1:
         llm_proj.*; stage 2: also the fine-tuned LLM as llm.*, which replaces the base LLM), else
         llm_proj starts from nn.Linear's own init, as LAVIS builds it for pretraining. `image_size`
         rebuilds the ViT for another input size than it was converted at (pos_embed resized).
-        `overrides` set other MMConfig fields (image_token_id, freeze, proj='mlp2', ...)."""
+        `proj_type` is MMConfig.proj ('linear' or 'mlp2'; `proj` names the checkpoint), `overrides`
+        set other MMConfig fields (image_token_id, freeze, ...)."""
+        if proj_type is not None:
+            overrides["proj"] = proj_type
         state, sub = {}, {}
         for d in [vision] if isinstance(vision, (str, os.PathLike)) else vision:
             cfg = ckpt.load_config(d)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import ckpt
 import runtime
 from data import IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, VLDataset, collate
-from model import IGNORE, MMConfig, MultimodalLM, supervised_count
+from model import IGNORE, MMConfig, MultimodalLM, frozen_parts, supervised_count
 from pipeline import PipelineRunner, make_groups
 from qformer import QFormerConfig
 from qwen import QwenConfig
@@ -226,8 +226,9 @@ def build(cfg, words, lazy=False):
     else:
         tok = Tokenizer.load(cfg.tokenizer)
         preset = MMConfig.preset(cfg.model)
+        check_parts(cfg, tok)
         model = MultimodalLM.from_parts(cfg.init_vision.split(","), cfg.init_llm, cfg.init_proj or None,
-                                        image_size=cfg.image_size, llm_type=preset.llm_type, proj=preset.proj,
+                                        image_size=cfg.image_size, llm_type=preset.llm_type, proj_type=preset.proj,
                                         proj_hidden=preset.proj_hidden, image_token_id=tok.token_id(IMAGE_TOKEN),
                                         lazy=lazy, **overrides)
     if isinstance(model, tuple):
@@ -235,6 +236,22 @@ def build(cfg, words, lazy=False):
     if cfg.grad_checkpointing:
         model.vit.grad_checkpointing = model.llm.grad_checkpointing = True
     return model, tok, state
+
+
+def check_parts(cfg, tok):
+    """The converted parts fit together and fit the preset's stage, checked from their config.json
+    before any weight is read: the tokenizer fits the LLM's embedding, and a stage-1 run (LLM frozen)
+    is not handed a stage-2 checkpoint whose fine-tuned LLM would silently replace the base one."""
+    llm = ckpt.load_config(cfg.init_llm)
+    if tok.n_vocab > llm["vocab_size"]:
+        raise ckpt.CheckpointError(f"--tokenizer={cfg.tokenizer} has {tok.n_vocab} tokens but the LLM --init_llm="
+                                   f"{cfg.init_llm} has {llm['vocab_size']} embedding rows: a tokenizer of another model?")
+    parts = ckpt.load_config(cfg.init_proj).get("parts", []) if cfg.init_proj else []
+    freeze = freeze_arg(cfg.freeze) if cfg.freeze else MMConfig.preset(cfg.model).freeze
+    if "llm" in parts and "llm" in frozen_parts(freeze):
+        raise ckpt.CheckpointError(f"--init_proj={cfg.init_proj} is a stage-2 checkpoint (it holds a fine-tuned LLM, "
+                                   f"llm.*) but --preset={cfg.preset} freezes the LLM (stage 1): give it a stage-1 "
+                                   f"model.pth (llm_proj only), or --init it into a stage-2 preset")
 
 
 def freeze_arg(text):
@@ -657,7 +674,7 @@ def main(argv=None):
         return 2
     try:
         train(cfg)
-    except FloatingPointError as e:
+    except (FloatingPointError, ckpt.CheckpointError) as e:  # bad checkpoints: refused before out_dir is touched
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
