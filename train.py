@@ -477,7 +477,8 @@ def resume(cfg, model, opt, runner=None):
     if len(set(steps.values())) != 1:
         raise ckpt.CheckpointError(f"--resume: the files of {d} belong to different steps: "
                                    + ", ".join(f"{p} step {s}" for p, s in steps.items()))
-    opt.load_state_dict(state["optimizer"])
+    if opt is not None:
+        opt.load_state_dict(state["optimizer"])
     return state["step"]
 
 # ----------------------------------------------------------------------------- training
@@ -543,10 +544,12 @@ def setup(cfg):
 
 
 def optimizer(cfg, module):
-    """AdamW over the trainable parameters; vit + qformer get lr x vision_lr_scale."""
+    """AdamW over the trainable parameters (None if there are none); vit + qformer get lr x vision_lr_scale."""
     vision = [p for n, p in module.named_parameters() if p.requires_grad and n.startswith(("vit.", "qformer."))]
     rest = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith(("vit.", "qformer."))]
     groups = [dict(params=vision, scale=cfg.vision_lr_scale), dict(params=rest, scale=1.0)]
+    if not vision + rest:  # a pipeline stage with nothing to train (stage 1: only llm_proj, on stage 0)
+        return None
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, weight_decay=cfg.weight_decay)
 
@@ -623,7 +626,7 @@ def train(cfg):
     try:
         while step < cfg.max_iters and not stop.hit:
             micro = next(batches)
-            for g in opt.param_groups:
+            for g in opt.param_groups if opt else ():
                 g["lr"] = lr_at(cfg, step) * g["scale"]
             count = step_count(micro, cfg.loss_norm, dp_group)
             if runner:
@@ -635,8 +638,9 @@ def train(cfg):
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step}: loss is {loss}; stopping without saving. The last good "
                                          f"checkpoint in {cfg.out_dir} (step {good_step}) is intact.")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if opt:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             step += 1
             tokens += sum(int(mb["attention_mask"].sum()) for mb in micro) * dp_size
             log.curve.append((step, loss))
