@@ -193,9 +193,28 @@ def rig_stop(state, head, norm, stops, bias=None):
         state[head][token, 0] = sign
 
 
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def write_sparse_safetensors(path, layout, dtype):
+    """A safetensors file whose tensors read as zeros and cost no disk (a sparse file): for the
+    checks that must refuse a file before any value is read."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape in layout:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + offset)
+
+
 def write_safetensors_dir(d, config, layout, dtype, n_shards, fill, rig=None, single="model.safetensors"):
     """An HF checkpoint directory: config.json and the weights, one shard in memory at a time;
-    n_shards > 1 writes model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+    n_shards > 1 writes model-0000i-of-0000n.safetensors + model.safetensors.index.json. fill=None
+    writes sparse files (zeros)."""
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -209,12 +228,15 @@ def write_safetensors_dir(d, config, layout, dtype, n_shards, fill, rig=None, si
     weight_map, total = {}, 0
     for s, group in enumerate(groups):
         name = single if len(groups) == 1 else f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
+        weight_map.update({k: name for k, _ in group})
+        total += sum(math.prod(shape) for _, shape in group) * torch.empty((), dtype=dtype).element_size()
+        if fill is None:
+            write_sparse_safetensors(os.path.join(d, name), group, dtype)
+            continue
         part = {k: fill(k, shape, dtype) for k, shape in group}
         if rig:
             rig(part)
         save_file(part, os.path.join(d, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-        total += sum(t.numel() * t.element_size() for t in part.values())
         del part
     if len(groups) > 1:
         with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
@@ -431,7 +453,7 @@ def run(args, cwd, log, timeout=TIMEOUT, env=None):
         raise RuntimeError(f"timed out after {timeout}s: {' '.join(args)}\n{out[-3000:]}") from None
     watcher.join()
     secs, gb = time.time() - t0, peak[0] / 2 ** 30
-    log(f"  {secs:6.1f} s  {gb:5.2f} GB  {' '.join(os.path.basename(a) if a.startswith(('/', ROOT)) and a.endswith('.py') or a == sys.executable else a for a in args)}")
+    log(f"  {secs:6.1f} s  {gb:5.2f} GB  {' '.join('CODE' if '\n' in a else os.path.basename(a) if a.startswith(('/', ROOT)) and a.endswith('.py') or a == sys.executable else a for a in args)}")
     if p.returncode != 0:
         raise RuntimeError(f"exit {p.returncode}: {' '.join(args)}\n{out[-4000:]}")
     return out, secs, gb
