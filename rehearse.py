@@ -453,7 +453,8 @@ def run(args, cwd, log, timeout=TIMEOUT, env=None):
         raise RuntimeError(f"timed out after {timeout}s: {' '.join(args)}\n{out[-3000:]}") from None
     watcher.join()
     secs, gb = time.time() - t0, peak[0] / 2 ** 30
-    log(f"  {secs:6.1f} s  {gb:5.2f} GB  {' '.join('CODE' if '\n' in a else os.path.basename(a) if a.startswith(('/', ROOT)) and a.endswith('.py') or a == sys.executable else a for a in args)}")
+    shown = ["CODE" if "\n" in a else os.path.basename(a) if a == sys.executable or a.endswith(".py") else a for a in args]
+    log(f"  {secs:6.1f} s  {gb:5.2f} GB  {' '.join(shown)}")
     if p.returncode != 0:
         raise RuntimeError(f"exit {p.returncode}: {' '.join(args)}\n{out[-4000:]}")
     return out, secs, gb
