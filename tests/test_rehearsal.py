@@ -120,7 +120,7 @@ def phi(tmp_path_factory):
 
 def test_phi_rehearsal(phi):
     work, rep = phi
-    single, pp, chat = rep["1 process, 2 steps"], rep["torchrun, 2 stages, 1 step"], rep["chat"]
+    single, pp, chat = rep["1 process, 2 step(s)"], rep["torchrun, 2 stages, 1 step"], rep["chat"]
     # rehearse() already checked: frozen tensors bit-identical, every trained one moved, pipeline
     # agrees with one process, convert.py stages equals train.py's merge
     assert len(single["losses"]) == 2 and len(pp["losses"]) == 1
