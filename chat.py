@@ -5,6 +5,7 @@ streamed token by token, Ctrl-C stops an answer, Ctrl-D (or :q) leaves.
 
     python chat.py                                  # the checkpoint the default `python train.py` writes
     python chat.py --ckpt DIR --device cuda --dtype bf16
+    python chat.py --plan --model tinygpt-v --dtype bf16 --device_memory 8GB   # memory needed (plan.py)
     python chat.py --image a.png --image b.png --prompt "are the two shapes the same colour?"
     echo "which way does the shape move?" | python chat.py --video v.mkv --prompt -
 
@@ -23,8 +24,9 @@ import sys
 import torch
 
 import ckpt
+import plan
 from data import IMAGE_HERE, IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, encode_conversation, load_image, load_video, preprocess
-from model import MultimodalLM
+from model import MMConfig, MultimodalLM
 from tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CKPT = os.path.join("out", "toy")  # where the default `python train.py` writes
@@ -353,7 +355,23 @@ def main(argv=None):
     ap.add_argument("--video", dest="media", action="append", type=lambda p: (p, "video"), help="repeatable")
     ap.add_argument("--prompt", help="ask this one question, print the answer and exit; '-' reads stdin")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plan", action="store_true", help="print the memory this chat needs (no weights read) and exit")
+    ap.add_argument("--model", help="with --plan: a model preset (model.MM_PRESETS) instead of --ckpt")
+    ap.add_argument("--context", type=int, help="with --plan: KV-cache positions (default the LLM's max_seq_len)")
+    ap.add_argument("--device_memory", help="with --plan: e.g. 8GB; says whether the plan fits")
     args = ap.parse_args(argv)
+    if args.plan:
+        try:
+            if args.model:
+                config = MMConfig.preset(args.model)
+            else:
+                config = MMConfig.from_dict(ckpt.load_config(ckpt.resolve(args.ckpt))["model"])
+            memory = plan.parse_size(args.device_memory) if args.device_memory else None
+            print(plan.format_chat(plan.plan_chat(config, DTYPES[args.dtype], args.context), memory))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         model, tok, max_frames = load(args.ckpt, args.device, args.dtype)
     except ChatError as e:

@@ -137,6 +137,12 @@ class MMConfig:
 MM_PRESETS = {
     "minigpt4qwen": dict(vit="eva_vit_g", qformer="blip2", llm="qwen7b_chat", freeze="pretrain"),
     "mpp-qwen14b": dict(vit="eva_vit_g", qformer="blip2", llm="qwen14b_chat", freeze="pretrain"),
+    # Qwen2.5-Instruct has no <|extra_0|>: 151665 is the first of its spare embedding rows (151936
+    # rows, 151665 tokens), the id convert.tokenizer_from_hf gives the image token
+    "mpp-qwen2.5-0.5b": dict(vit="eva_vit_g", qformer="blip2", llm="qwen2.5-0.5b", freeze="pretrain",
+                             image_token_id=151665),
+    "mpp-qwen2.5-1.5b": dict(vit="eva_vit_g", qformer="blip2", llm="qwen2.5-1.5b", freeze="pretrain",
+                             image_token_id=151665),
     # Phi-2's tokenizer has no <|extra_0|>: 50295 is the first embedding row it leaves unused
     # (51200 rows); the tokenizer must give the image token that id
     "tinygpt-v": dict(vit="eva_vit_g", qformer="blip2", llm_type="phi", llm="tinygptv", proj="mlp2",
@@ -174,6 +180,13 @@ class MultimodalLM(nn.Module):
         for name in self.config.freeze:
             self.part(name).requires_grad_(False)
         return self.train(self.training)
+
+    def cast_frozen(self, dtype):
+        """The frozen parts in `dtype` (e.g. bf16): they get no gradient and no optimizer state, so
+        they need no fp32 master copy. On the meta device this sets the dtype a later load casts to."""
+        for name in self.config.freeze:
+            self.part(name).to(dtype)
+        return self
 
     def train(self, mode=True):
         # Frozen parts stay in eval mode (as BLIP-2 keeps its frozen ViT): any dropout or

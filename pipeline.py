@@ -420,7 +420,7 @@ class PipelineRunner(PipelineEngine):
         if state is not None:
             ckpt.load_into(model, {k: state[k] for k in model.state_dict() if k in state}, cast=True)
         model.to(device or next(model.parameters()).device)
-        dtype = next(model.parameters()).dtype
+        dtype = next(blocks.parameters()).dtype  # every stage has blocks; a frozen vision tower may be bf16
         super().__init__(model, pp_group, dp_group, act_shape=lambda mb: (*mb["input_ids"].shape, llm.config.n_embd),
                          loss_fn=(lambda logits, mb: loss_sum(logits, mb["labels"], model.config.loss_norm)) if last else None,
                          schedule=schedule, act_dtype=dtype, timeout=timeout,

@@ -9,6 +9,7 @@ writes a checkpoint to out/toy/ where `python chat.py` finds it.
     python train.py --preset=toy-long                  # 4x longer, for every task
     python train.py --max_iters=2000 --batch_size=16   # any Config field as --key=value
     python train.py --resume                           # continue out/<preset>/ exactly
+    python train.py --preset=mpp-qwen7b-sft --plan --nproc=8 --device_memory=24GB  # memory per GPU (plan.py)
     torchrun --nproc_per_node=4 train.py               # data parallel, one node
     torchrun --nproc_per_node=4 train.py --num_stages=2    # 2 pipeline stages x 2 replicas
     torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 train.py --preset=mpp-qwen7b-sft
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 import ckpt
+import plan
 import runtime
 from data import IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, VLDataset, collate
 from model import IGNORE, MMConfig, MultimodalLM, frozen_parts, supervised_count
@@ -92,6 +94,7 @@ class Config:
     eps: float = 1e-8
     grad_clip: float = 1.0
     dtype: str = "auto"          # 'auto' (bf16 where supported, else fp32), 'bf16', 'fp32'
+    frozen_dtype: str = "fp32"   # the frozen parts' weights: 'bf16' halves them (no master copy needed)
     grad_checkpointing: bool = False
     num_stages: int = 1          # > 1: pipeline parallel (torchrun, world size a multiple of it)
     schedule: str = "1f1b"
@@ -109,21 +112,49 @@ class Config:
 
 # The public recipes (MPP-Qwen-Next's configs; docs/reference.md): the ViT, Q-Former and queries stay
 # frozen; bf16; AdamW betas (0.9, 0.99), eps 1e-7, clip 1.0; paths are what convert.py was told to write.
+# Frozen parts are kept in bf16 (frozen_dtype): they need no fp32 master copy, no gradient and no
+# optimizer state. Batch sizes, stages and checkpointing are what `python train.py --preset=NAME
+# --plan` says fits the seed's GPUs (24 GB each; README "Memory plan").
 _BLIP2 = dict(init_vision="checkpoints/eva_vit_g,checkpoints/blip2", image_size=224, num_query=32, max_frames=32,
-              augment=True, loss_norm="token", eps=1e-7, dtype="bf16", min_lr=0.0, image_root="data/images",
-              eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="", num_workers=4)
+              augment=True, loss_norm="token", eps=1e-7, dtype="bf16", frozen_dtype="bf16", min_lr=0.0,
+              image_root="data/images", eval_every=0, ckpt_every=200, threads=0, curriculum_iters=0, oversample="",
+              num_workers=4)
+# MPP-Qwen-Next stage 1: only llm_proj learns, lr 1e-3, warmup 3%, max_txt_len 512, global batch 256
+_PRETRAIN = dict(_BLIP2, freeze="pretrain", max_len=512, lr=1e-3, data="data/llava_pretrain.json")
+# stage 2: llm_proj + the whole LLM from stage 1's output, lr 2e-5, warmup 10%, max_txt_len 1536, global batch 128
+_SFT = dict(_BLIP2, freeze="sft", max_len=1536, lr=2e-5, grad_checkpointing=True, data="data/sft.json")
 TRAIN_PRESETS = {
     "toy": dict(),
     "toy-long": dict(max_iters=15000, n_train=30000, eval_every=2500, ckpt_every=2500),
-    # MPP-Qwen-Next stage 1: only llm_proj learns, lr 1e-3, warmup 3%, global batch 256 (8 GPUs x 8 x 4)
-    "mpp-qwen7b-pretrain": dict(_BLIP2, model="minigpt4qwen", init_llm="checkpoints/qwen7b-chat",
-                                tokenizer="checkpoints/qwen7b-chat", freeze="pretrain", max_len=512,
-                                batch_size=8, grad_accum=4, lr=1e-3, warmup_iters=60, max_iters=2000,
-                                data="data/llava_pretrain.json"),
-    # stage 2: llm_proj + the whole LLM from stage 1's output, lr 2e-5, warmup 10%, global batch 128
-    "mpp-qwen7b-sft": dict(_BLIP2, model="minigpt4qwen", init="out/mpp-qwen7b-pretrain", freeze="sft",
-                           max_len=1536, batch_size=4, grad_accum=4, lr=2e-5, warmup_iters=100, max_iters=1000,
-                           grad_checkpointing=True, data="data/sft.json"),
+    # MPP-Qwen-Next on 8x RTX 3090: pretrain PP2 x DP4 (--num_stages=2), 4 replicas x 8 x 8 = 256
+    "mpp-qwen7b-pretrain": dict(_PRETRAIN, model="minigpt4qwen", init_llm="checkpoints/qwen7b-chat",
+                                tokenizer="checkpoints/qwen7b-chat", num_stages=2, batch_size=8, grad_accum=8,
+                                warmup_iters=60, max_iters=2000),
+    # SFT PP8 x DP1 (--num_stages=8): 1 replica x 4 x 32 = 128
+    "mpp-qwen7b-sft": dict(_SFT, model="minigpt4qwen", init="out/mpp-qwen7b-pretrain", num_stages=8,
+                           batch_size=4, grad_accum=32, warmup_iters=100, max_iters=1000),
+    # MPP-Qwen14B: both stages on 6x RTX 4090; Qwen-14B-Chat's 40 blocks, llm_proj 768 -> 5120.
+    # pretrain PP2 x DP3: 3 x 8 x 11 = 264 (~256); SFT PP6 x DP1: 4 x 32 = 128
+    "mpp-qwen14b-pretrain": dict(_PRETRAIN, model="mpp-qwen14b", init_llm="checkpoints/qwen14b-chat",
+                                 tokenizer="checkpoints/qwen14b-chat", num_stages=2, batch_size=8, grad_accum=11,
+                                 warmup_iters=60, max_iters=2000),
+    "mpp-qwen14b-sft": dict(_SFT, model="mpp-qwen14b", init="out/mpp-qwen14b-pretrain", num_stages=6,
+                            batch_size=4, grad_accum=32, warmup_iters=100, max_iters=1000),
+    # MiniGPT4Qwen (lavis/projects/deepspeed/train_zero0_3090x4.yaml): one stage on its 18.8k
+    # instructions, only llm_proj learns; lr 1e-4 -> 1e-6, 500 warm-up steps, 10 epochs, wd 0.05,
+    # max_txt_len 256 (image tokens included, as here), micro batch 2 x 16 accumulation x 4 GPUs = 128. Here on ONE 24 GB card:
+    # 2 x 64 = the same 128 per step; 18.8k / 128 = 147 steps an epoch, 10 epochs.
+    "minigpt4qwen": dict(_BLIP2, model="minigpt4qwen", init_llm="checkpoints/qwen7b-chat",
+                         tokenizer="checkpoints/qwen7b-chat", freeze="pretrain", max_len=256,
+                         batch_size=2, grad_accum=64, lr=1e-4, min_lr=1e-6, warmup_iters=500, max_iters=1470,
+                         weight_decay=0.05, data="data/minigpt4qwen_instructions.json"),
+    # MPP-Qwen-Next's stage 1 recipe on the small Qwen2.5-Instruct LLMs (one GPU each; our choice)
+    "mpp-qwen2.5-0.5b-pretrain": dict(_PRETRAIN, model="mpp-qwen2.5-0.5b", init_llm="checkpoints/qwen2.5-0.5b",
+                                      tokenizer="checkpoints/qwen2.5-0.5b", batch_size=32, grad_accum=8,
+                                      warmup_iters=60, max_iters=2000),
+    "mpp-qwen2.5-1.5b-pretrain": dict(_PRETRAIN, model="mpp-qwen2.5-1.5b", init_llm="checkpoints/qwen2.5-1.5b",
+                                      tokenizer="checkpoints/qwen2.5-1.5b", batch_size=16, grad_accum=16,
+                                      warmup_iters=60, max_iters=2000),
     # TinyGPT-V style: Phi-2 behind the two-Linear projection, projection trained first
     "tinygptv-phi2": dict(_BLIP2, model="tinygpt-v", init_llm="checkpoints/phi-2", tokenizer="checkpoints/phi-2",
                           freeze="pretrain", batch_size=8, grad_accum=4, lr=1e-3, min_lr=1e-5, warmup_iters=100,
@@ -136,6 +167,9 @@ TRAIN_PRESETS = {
                                        warmup_iters=200, max_iters=1000, weight_decay=0.05, eps=1e-8, beta2=0.999,
                                        data="data/cc_sbu_align.json"),
 }
+
+
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ConfigError(ValueError):
@@ -171,6 +205,11 @@ def parse_args(argv):
     cfg = Config(**TRAIN_PRESETS[preset], preset=preset)
     for key, text in pairs:
         setattr(cfg, key, parse_value(key, text, getattr(defaults, key)))
+    if cfg.frozen_dtype not in FROZEN_DTYPES:
+        raise ConfigError(f"--frozen_dtype={cfg.frozen_dtype!r}: expected one of {', '.join(FROZEN_DTYPES)}")
+    if cfg.frozen_dtype != "fp32" and cfg.dtype != "bf16":
+        raise ConfigError(f"--frozen_dtype={cfg.frozen_dtype} needs --dtype=bf16: the bf16 frozen parts and the "
+                          f"fp32 trainable ones meet inside one autocast (got --dtype={cfg.dtype})")
     cfg.out_dir = cfg.out_dir or os.path.join("out", preset)
     return cfg
 
@@ -233,6 +272,7 @@ def build(cfg, words, lazy=False):
                                         lazy=lazy, **overrides)
     if isinstance(model, tuple):
         model, state = model
+    model.cast_frozen(FROZEN_DTYPES[cfg.frozen_dtype])  # lazy: on meta; the stage's load casts to it
     if cfg.grad_checkpointing:
         model.vit.grad_checkpointing = model.llm.grad_checkpointing = True
     return model, tok, state
@@ -630,7 +670,8 @@ def train(cfg):
                 g["lr"] = lr_at(cfg, step) * g["scale"]
             count = step_count(micro, cfg.loss_norm, dp_group)
             if runner:
-                loss = runner.step(micro, count)
+                with ctx:  # one autocast region for the step: bf16 weight copies made once, not per microbatch
+                    loss = runner.step(micro, count)
                 norm = runner.clip_grad_norm_(cfg.grad_clip)
             else:
                 loss = forward_backward(net, micro, count, ctx, device, dp_group)
@@ -670,12 +711,52 @@ def train(cfg):
     return log.curve, acc
 
 
+def plan_config(cfg):
+    """The MMConfig a run of cfg would build, without weights: the toy's, an existing --init
+    checkpoint's config.json, else the public model preset at the run's image size and queries."""
+    freeze = {"freeze": freeze_arg(cfg.freeze)} if cfg.freeze else {}
+    if cfg.model == "toy" and not cfg.init:
+        return build(cfg, [] if cfg.tokenizer else datasets(cfg))[0].config
+    if cfg.init and os.path.exists(cfg.init):
+        return MMConfig.from_dict({**ckpt.load_config(ckpt.resolve(cfg.init))["model"], **freeze})
+    config = MMConfig.preset(cfg.model, **freeze)
+    return replace(config, vit=replace(config.vit, img_size=cfg.image_size),
+                   qformer=replace(config.qformer, num_query=cfg.num_query))
+
+
+def print_plan(cfg, nproc, device_memory):
+    """train.py --plan: the memory per rank of this run (plan.py), no weights needed."""
+    nproc = nproc or cfg.num_stages
+    bf16 = cfg.dtype != "fp32"  # 'auto' is bf16 on the GPUs the plan is for
+    stages = plan.plan_training(plan_config(cfg), cfg.batch_size, cfg.max_len, cfg.grad_accum, cfg.num_stages, nproc,
+                                cfg.schedule, cfg.grad_checkpointing, FROZEN_DTYPES[cfg.frozen_dtype], bf16)
+    print(f"{cfg.preset}: {cfg.num_stages} stage(s) x {nproc // cfg.num_stages} replica(s) = {nproc} GPUs; microbatch "
+          f"{cfg.batch_size} x {cfg.max_len} tokens, {cfg.grad_accum} per step ({cfg.schedule if cfg.num_stages > 1 else 'accumulated'}); "
+          f"{'autocast bf16' if bf16 else 'fp32'}, frozen parts in {cfg.frozen_dtype}, gradient checkpointing "
+          f"{'on' if cfg.grad_checkpointing else 'off'}")
+    print(plan.format_training(stages, device_memory))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    planning = "--plan" in argv  # --plan [--nproc=N] [--device_memory=24GB]: print the memory plan, no training
+    extra = {a.partition("=")[0]: a.partition("=")[2] for a in argv if a.startswith(("--nproc=", "--device_memory="))}
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
+        if extra and not planning:
+            raise ConfigError(f"{', '.join(extra)} need --plan")
+        cfg = parse_args([a for a in argv if a != "--plan" and a.partition("=")[0] not in extra])
+        nproc = parse_value("nproc", extra["--nproc"], 0) if "--nproc" in extra else 0
+        memory = plan.parse_size(extra["--device_memory"]) if "--device_memory" in extra else None
+    except ValueError as e:  # ConfigError, or a bad --device_memory
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if planning:
+        try:
+            print_plan(cfg, nproc, memory)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         train(cfg)
     except (FloatingPointError, ckpt.CheckpointError) as e:  # bad checkpoints: refused before out_dir is touched

@@ -35,8 +35,12 @@ def test_overrides_are_type_checked():
              "--max_iters=1.5": "--max_iters: expected int, got '1.5'",
              "--resume=maybe": "--resume: expected true or false, got 'maybe'",
              "--lr": "--lr needs a value: --lr=...",
-             "--preset=huge": "unknown preset 'huge'; presets: toy, toy-long, mpp-qwen7b-pretrain, mpp-qwen7b-sft, tinygptv-phi2, "
-                              "minigpt4-vicuna7b-finetune"}
+             "--preset=huge": "unknown preset 'huge'; presets: toy, toy-long, mpp-qwen7b-pretrain, mpp-qwen7b-sft, "
+                              "mpp-qwen14b-pretrain, mpp-qwen14b-sft, minigpt4qwen, mpp-qwen2.5-0.5b-pretrain, "
+                              "mpp-qwen2.5-1.5b-pretrain, tinygptv-phi2, minigpt4-vicuna7b-finetune",
+             "--frozen_dtype=fp8": "--frozen_dtype='fp8': expected one of fp32, bf16",
+             "--frozen_dtype=bf16": "--frozen_dtype=bf16 needs --dtype=bf16: the bf16 frozen parts and the fp32 "
+                                    "trainable ones meet inside one autocast (got --dtype=auto)"}
     for arg, msg in cases.items():
         with pytest.raises(train.ConfigError) as e:
             train.parse_args([arg])
