@@ -186,11 +186,12 @@ class Filler:
 def rig_stop(state, head, norm, stops, bias=None):
     """Make random weights end their answers: the final norm is large on channel 0 (its weight, or
     its bias if given, which keeps the sign) and the stop tokens' head rows are +-1 there."""
-    (state[bias] if bias else state[norm])[0] = 50.0
-    if bias:
-        state[norm][0] = 0.0
+    for key, value in ((bias or norm, 50.0), (norm if bias else None, 0.0)):
+        if key in state:  # one shard at a time: each key where it is
+            state[key][0] = value
     for token, sign in zip(stops, (1.0, -1.0)):
-        state[head][token, 0] = sign
+        if head in state:
+            state[head][token, 0] = sign
 
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -313,8 +314,8 @@ def _llm_config(published, depth):
 def write_qwen1(d, published, depth, seed):
     cfg = _llm_config(published, depth)
     specials = {t: 151643 + i for i, t in enumerate(QWEN_SPECIALS)}
-    rig = lambda s: "lm_head.weight" in s and rig_stop(s, "lm_head.weight", "transformer.ln_f.weight",  # noqa: E731
-                                                        [specials["<|im_end|>"], specials["<|im_start|>"]])
+    rig = lambda s: rig_stop(s, "lm_head.weight", "transformer.ln_f.weight",  # noqa: E731
+                             [specials["<|im_end|>"], specials["<|im_start|>"]])
     write_safetensors_dir(d, cfg, qwen1_layout(cfg), torch.bfloat16, 8 if published is QWEN7B_CHAT else 15,
                           Filler(seed), rig)
     shutil.copy(qwen_tiktoken(), os.path.join(d, "qwen.tiktoken"))
@@ -333,8 +334,8 @@ def write_qwen25(d, published, depth, seed):
     added += ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
               "<|repo_name|>", "<|file_sep|>"]
     ids = {t: 151643 + i for i, t in enumerate(added)}
-    rig = lambda s: "model.norm.weight" in s and rig_stop(s, "model.embed_tokens.weight", "model.norm.weight",  # noqa
-                                                          [ids["<|im_end|>"], ids["<|im_start|>"]])
+    rig = lambda s: rig_stop(s, "model.embed_tokens.weight", "model.norm.weight",  # noqa: E731
+                             [ids["<|im_end|>"], ids["<|im_start|>"]])
     write_safetensors_dir(d, cfg, qwen2_layout(cfg), torch.bfloat16, 1, Filler(seed), rig)
     write_bpe_tokenizer(d, ranks, ids, "Qwen2Tokenizer")
 
@@ -346,8 +347,8 @@ def write_phi2(d, depth, seed):
     cfg = _llm_config(PHI2, depth)
     ranks = {t: r for t, r in read_ranks(qwen_tiktoken()).items() if r < 50256}
     added = {"<|endoftext|>": 50256, **{f"<|added_{i}|>": 50257 + i for i in range(38)}}
-    rig = lambda s: "lm_head.weight" in s and rig_stop(s, "lm_head.weight", "model.final_layernorm.weight",  # noqa
-                                                        [50256], bias="model.final_layernorm.bias")
+    rig = lambda s: rig_stop(s, "lm_head.weight", "model.final_layernorm.weight",  # noqa: E731
+                             [50256], bias="model.final_layernorm.bias")
     write_safetensors_dir(d, cfg, phi_layout(cfg), torch.float16, 2, Filler(seed), rig)
     write_bpe_tokenizer(d, ranks, added, "CodeGenTokenizer")
 
