@@ -13,7 +13,12 @@ Opt-in, every public preset (Qwen-7B-Chat's 151,936-row vocabulary and 4096 widt
     NANOMPP_REHEARSAL=full NANOMPP_REHEARSAL_DEPTH=full python -m pytest -q tests/test_rehearsal.py  # big machine
 
 Reductions, each named where it is made: depth (rehearse.py --depth), --max_len=96 and 2 microbatches
-of 1 sample (rehearse.train_cmd), --dtype=fp32 (this CPU has no native bf16).
+of 1 sample (rehearse.train_cmd), --dtype=fp32 (this CPU has no native bf16), and for a stage 2 that
+would not fit 11 GB (mpp-qwen7b-sft: 24.6 GB) embeddings and lm_head frozen, frozen parts in bf16 and
+no pipeline run (rehearse.reduce_stage, printed). Measured here (2 cores, load average 10-20): the
+default part 11 min; mpp-qwen7b-pretrain one process 9.8 GB peak RSS (11.8 GB on --resume, which counts
+the memory-mapped checkpoint's pages); its bf16 2-stage run hit the pipeline's fixed 60 s exchange
+timeout on this CPU (a stage took longer than 60 s per microbatch).
 """
 import importlib.util
 import json
