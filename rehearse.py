@@ -655,13 +655,16 @@ def rehearse(preset, work, depth=DEFAULT_DEPTH, seed=0, pipeline=True, log=print
         raise AssertionError(f"{preset}: trained tensors that did not change: {sorted(trained - moved)[:10]}")
     rep[f"1 process, {steps} step(s)"] = dict(seconds=s1 + s2, peak_gb=max(m1, m2), losses=losses(out),
                                               freeze=freeze, trained_tensors=len(trained), reduction=reduction)
+    n = sum(t.numel() for t in a.values())
+    # both stages and their save copies of the stage shards: in fp32 if that fits, else the preset's bf16,
+    # which only a GPU runs fast enough for the pipeline's 60 s exchange timeout (a CPU stage took longer)
+    pp_dtype = "fp32" if n * 4 * 2 / 2 ** 30 <= 11 else "bf16"
+    if pipeline and pp_dtype == "bf16" and not torch.cuda.is_available():
+        log(f"{preset} rehearsal: no 2-stage run: {n * 8 / 2 ** 30:.1f} GB in fp32 with the save copies, and bf16 "
+            f"on this CPU outlasts the pipeline's 60 s exchange timeout")
+        pipeline = False
     if pipeline:  # 2 pipeline stages, 1 step from the same start: the merged model equals step 1 above
         pp_out = out + "-pp2"
-        n = sum(t.numel() for t in a.values())
-        # both stages and their save copies of the stage shards: in fp32 if that fits, else the preset's bf16
-        pp_dtype = "fp32" if n * 4 * 2 / 2 ** 30 <= 11 else "bf16"
-        if pp_dtype != dtype:
-            log(f"{preset} rehearsal: the 2-stage run in bf16 ({n * 8 / 2 ** 30:.1f} GB in fp32 with the save copies)")
         pp_extra = [*extra, *(["--frozen_dtype=bf16"] if pp_dtype == "bf16" and "frozen_dtype" in train.Config.__dataclass_fields__ else [])]
         _, s3, m3 = run(train_cmd(preset, 2, ["--max_iters=1", f"--out_dir={pp_out}", *pp_extra], pp_dtype), work, log)
         merged, agreement = load_state(pp_out), {}
