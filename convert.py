@@ -52,7 +52,11 @@ def _hf_files(d):
         if os.path.exists(os.path.join(d, index)):
             with open(os.path.join(d, index)) as f:
                 weight_map = json.load(f)["weight_map"]
-            return sorted(set(weight_map.values())), weight_map
+            files = sorted(set(weight_map.values()))
+            missing = [name for name in files if not os.path.isfile(os.path.join(d, name))]
+            if missing:  # checked before any shard is read: a partial download fails at once
+                raise CheckpointError(f"{d}: {index} lists {len(files)} shards, {len(missing)} missing: {', '.join(missing)}")
+            return files, weight_map
         if os.path.exists(os.path.join(d, single)):
             return [single], None
     raise CheckpointError(f"{d}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
@@ -205,6 +209,20 @@ def phi_config(hf):
                      tinygptv=bool(hf.get("qk_layernorm", False)))
 
 
+def check_config(src, config, state):
+    """config.json against the (renamed) tensors: the depth, vocabulary and width it states must be
+    the weights', so a config from another model or a partial checkpoint is named as such."""
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("layers.")}
+    emb = state.get("embed_tokens.weight")
+    found = [("num_hidden_layers", config.n_layer, len(blocks), "decoder blocks"),
+             ("vocab_size", config.vocab_size, emb.shape[0] if emb is not None else None, "embedding rows"),
+             ("hidden_size", config.n_embd, emb.shape[1] if emb is not None else None, "embedding columns")]
+    bad = [f"{name}={want} but the weights have {got} ({what})" for name, want, got, what in found
+           if got is not None and got != want]
+    if bad:
+        raise CheckpointError(f"{os.path.join(src, 'config.json')} does not match the weights: {'; '.join(bad)}")
+
+
 def llm_from_hf(src, kind, dtype=None):
     """(model, config) from an HF directory; kind 'qwen2' | 'qwen1' | 'llama' | 'phi'. dtype defaults
     to the checkpoint's (a different one is an explicit cast)."""
@@ -216,10 +234,12 @@ def llm_from_hf(src, kind, dtype=None):
         config.tinygptv = True
     rules, ignore = {"qwen2": (QWEN2_RULES, QWEN2_IGNORE), "qwen1": (QWEN1_RULES, QWEN1_IGNORE),
                      "llama": (LLAMA_RULES, LLAMA_IGNORE), "phi": (phi_rules(config.n_head), PHI_IGNORE)}[kind]
+    state = remap(state, rules, ignore)
+    check_config(src, config, state)
     dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
     with torch.device("meta"):  # no storage: load_into adopts the checkpoint's tensors
         model = LLMS["phi" if kind == "phi" else "qwen"][1](config).to(dtype)
-    return ckpt.load_into(model, remap(state, rules, ignore), cast=True), config
+    return ckpt.load_into(model, state, cast=True), config
 
 
 def tokenizer_from_hf(src, vocab_size):
@@ -251,11 +271,11 @@ def tokenizer_from_hf(src, vocab_size):
 
 def _convert_llm(src, dst, kind):
     model, config = llm_from_hf(src, kind)
+    tok = tokenizer_from_hf(src, config.vocab_size)  # checked before anything is written
     if kind == "llama":  # a Qwen-class model: name the arch, so that from_parts picks MiniGPT-4's template
         ckpt.save(dst, ckpt.state_of(model), {"arch": "llama", **asdict(config)})
     else:
         save_llm(dst, model)
-    tok = tokenizer_from_hf(src, config.vocab_size)
     if tok is not None:  # beside the weights, where train.py and chat.py look for it
         tok.save(dst)
 
@@ -369,6 +389,12 @@ def vision_state(src, kind, vit_config=None):
     to vit_config.img_size. Raises CheckpointError on any key neither renamed nor listed as unused.
     """
     vit_config = vit_config or ViTConfig.preset("eva_vit_g")
+    prefix = {"eva_vit_g": "", "blip2_lavis": "visual_encoder."}.get(kind)
+    blocks = {int(m.group(1)) for m in (re.match(re.escape(prefix or "") + r"blocks\.(\d+)\.", k) for k in src) if m}
+    if prefix is not None and blocks and blocks != set(range(vit_config.depth + 1)):
+        raise CheckpointError(f"ViT blocks {min(blocks)}..{max(blocks)} ({len(blocks)}) in the file, expected "
+                              f"0..{vit_config.depth} (BLIP-2 runs {vit_config.depth} and drops the last): a partial "
+                              f"file, or one with fewer blocks (convert it with --vit_depth={len(blocks) - 1})")
     if kind == "eva_vit_g":
         out = remap(_drop_last_block(src, "", vit_config.depth), _table_rules(VIT_TABLE, 0, "", "vit."))
     elif kind == "blip2_lavis":
@@ -515,9 +541,23 @@ def convert_lora(src, dst):
     lora.merge(model).save(dst, extra=tok.files(), train=ckpt.load_config(src)["train"])
 
 
-if __name__ == "__main__":  # every convert_<kind>(src, dst) above is a CLI kind
+def main(argv):
+    """python convert.py KIND SRC DST [--vit_depth=N]; every convert_<kind>(src, dst) above is a kind.
+    --vit_depth converts an EVA-ViT-g file with N + 1 blocks (a rehearsal's, rehearse.py --depth)."""
     kinds = {name[len("convert_"):]: fn for name, fn in globals().items() if name.startswith("convert_")}
-    if len(sys.argv) != 4 or sys.argv[1] not in kinds:
-        sys.exit(f"usage: python convert.py {{{'|'.join(kinds)}}} SRC DST")
-    kinds[sys.argv[1]](sys.argv[2], sys.argv[3])
-    print(f"wrote {sys.argv[3]}")
+    depth = [a for a in argv if a.startswith("--vit_depth=")]
+    args = [a for a in argv if a not in depth]
+    if len(args) != 3 or args[0] not in kinds or (depth and (args[0] not in ("eva_vit_g", "blip2_lavis")
+                                                             or not depth[-1].split("=")[1].isdigit())):
+        sys.exit(f"usage: python convert.py {{{'|'.join(kinds)}}} SRC DST  (eva_vit_g, blip2_lavis: [--vit_depth=N])")
+    kind, src, dst = args
+    kw = {"vit_config": ViTConfig.preset("eva_vit_g", depth=int(depth[-1].split("=")[1]))} if depth else {}
+    try:
+        kinds[kind](src, dst, **kw)
+    except CheckpointError as e:
+        sys.exit(f"error: {src}: {e}" if src not in str(e) else f"error: {e}")
+    print(f"wrote {dst}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -68,15 +68,18 @@ def splice_images(embeds, input_ids, features, image_token_id):
 # ----------------------------------------------------------------------------- config and model
 
 def frozen_parts(freeze):
-    """A FREEZE_PRESETS name or an iterable of part names -> tuple of part names in PARTS order."""
+    """A FREEZE_PRESETS name or an iterable of part names -> tuple of part names in PARTS order, then
+    any sub-modules named part.path (e.g. 'llm.embed_tokens': rehearse.py freezes Qwen-7B's embeddings
+    and head to rehearse stage 2 in 11 GB) of parts not already frozen whole."""
     if isinstance(freeze, str):
         if freeze not in FREEZE_PRESETS:
             raise ValueError(f"unknown freeze preset {freeze!r}; choose from {sorted(FREEZE_PRESETS)}")
         freeze = FREEZE_PRESETS[freeze]
-    unknown = set(freeze) - set(PARTS)
+    unknown = {p for p in freeze if p.split(".")[0] not in PARTS}
     if unknown:
-        raise ValueError(f"unknown parts to freeze {sorted(unknown)}; parts are {list(PARTS)}")
-    return tuple(p for p in PARTS if p in set(freeze))
+        raise ValueError(f"unknown parts to freeze {sorted(unknown)}; parts are {list(PARTS)} (or part.submodule)")
+    whole = tuple(p for p in PARTS if p in set(freeze))
+    return whole + tuple(sorted(p for p in set(freeze) if "." in p and p.split(".")[0] not in whole))
 
 
 @dataclass
@@ -164,18 +167,25 @@ class MultimodalLM(nn.Module):
     def parts(self):
         return {"vit": self.vit, "qformer": self.qformer, "proj": self.llm_proj, "llm": self.llm}
 
+    def part(self, name):
+        """A part ('llm') or a sub-module of one ('llm.embed_tokens')."""
+        head, _, rest = name.partition(".")
+        return self.parts()[head].get_submodule(rest) if rest else self.parts()[head]
+
     def set_frozen(self, parts):
         """requires_grad=False on exactly these parts (names or a FREEZE_PRESETS key), True elsewhere."""
         self.config.freeze = frozen_parts(parts)
         for name, module in self.parts().items():
             module.requires_grad_(name not in self.config.freeze)
+        for name in self.config.freeze:
+            self.part(name).requires_grad_(False)
         return self.train(self.training)
 
     def cast_frozen(self, dtype):
         """The frozen parts in `dtype` (e.g. bf16): they get no gradient and no optimizer state, so
         they need no fp32 master copy. On the meta device this sets the dtype a later load casts to."""
         for name in self.config.freeze:
-            self.parts()[name].to(dtype)
+            self.part(name).to(dtype)
         return self
 
     def train(self, mode=True):
@@ -183,7 +193,7 @@ class MultimodalLM(nn.Module):
         # train-only behaviour would only add noise to features nobody learns from.
         super().train(mode)
         for name in self.config.freeze:
-            self.parts()[name].eval()
+            self.part(name).eval()
         return self
 
     def encode_images(self, pixels):
@@ -258,14 +268,18 @@ class MultimodalLM(nn.Module):
         return cls.from_state(state, {**cfg["model"], **overrides}, dtype, lazy)
 
     @classmethod
-    def from_parts(cls, vision, llm, proj=None, dtype=torch.float32, image_size=None, lazy=False, **overrides):
+    def from_parts(cls, vision, llm, proj=None, dtype=torch.float32, image_size=None, lazy=False, proj_type=None,
+                   **overrides):
         """Assemble converted public pieces (convert.py output): `vision` = one or more vision
         directories (eva_vit_g, blip2_lavis, blip2_hf) that together hold vit.* and qformer.*;
         `llm` = a qwen1/qwen2/phi directory; `proj` = a converted MiniGPT4Qwen checkpoint (stage 1:
         llm_proj.*; stage 2: also the fine-tuned LLM as llm.*, which replaces the base LLM), else
         llm_proj starts from nn.Linear's own init, as LAVIS builds it for pretraining. `image_size`
         rebuilds the ViT for another input size than it was converted at (pos_embed resized).
-        `overrides` set other MMConfig fields (image_token_id, freeze, proj='mlp2', ...)."""
+        `proj_type` is MMConfig.proj ('linear' or 'mlp2'; `proj` names the checkpoint), `overrides`
+        set other MMConfig fields (image_token_id, freeze, ...)."""
+        if proj_type is not None:
+            overrides["proj"] = proj_type
         state, sub = {}, {}
         for d in [vision] if isinstance(vision, (str, os.PathLike)) else vision:
             cfg = ckpt.load_config(d)

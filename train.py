@@ -47,7 +47,7 @@ import lora
 import plan
 import runtime
 from data import IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, VLDataset, collate
-from model import IGNORE, MMConfig, MultimodalLM, supervised_count
+from model import IGNORE, MMConfig, MultimodalLM, frozen_parts, supervised_count
 from pipeline import PipelineRunner, make_groups
 from qformer import QFormerConfig
 from qwen import QwenConfig
@@ -279,8 +279,9 @@ def build(cfg, words, lazy=False):
     else:
         tok = Tokenizer.load(cfg.tokenizer)
         preset = MMConfig.preset(cfg.model)
+        check_parts(cfg, tok)
         model = MultimodalLM.from_parts(cfg.init_vision.split(","), cfg.init_llm, cfg.init_proj or None,
-                                        image_size=cfg.image_size, llm_type=preset.llm_type, proj=preset.proj,
+                                        image_size=cfg.image_size, llm_type=preset.llm_type, proj_type=preset.proj,
                                         proj_hidden=preset.proj_hidden, image_token_id=tok.token_id(IMAGE_TOKEN),
                                         lazy=lazy, **overrides)
     if isinstance(model, tuple):
@@ -318,6 +319,22 @@ def check_base(d, saved, base=None):
     if base is not None and saved["lora"]["base"] != base:
         raise ckpt.CheckpointError(f"{d}: the base weights built from the run's config are not the ones its LoRA adapters "
                                    f"were trained on (fingerprint {base[:12]} vs {saved['lora']['base'][:12]} saved)")
+
+
+def check_parts(cfg, tok):
+    """The converted parts fit together and fit the preset's stage, checked from their config.json
+    before any weight is read: the tokenizer fits the LLM's embedding, and a stage-1 run (LLM frozen)
+    is not handed a stage-2 checkpoint whose fine-tuned LLM would silently replace the base one."""
+    llm = ckpt.load_config(cfg.init_llm)
+    if tok.n_vocab > llm["vocab_size"]:
+        raise ckpt.CheckpointError(f"--tokenizer={cfg.tokenizer} has {tok.n_vocab} tokens but the LLM --init_llm="
+                                   f"{cfg.init_llm} has {llm['vocab_size']} embedding rows: a tokenizer of another model?")
+    parts = ckpt.load_config(cfg.init_proj).get("parts", []) if cfg.init_proj else []
+    freeze = freeze_arg(cfg.freeze) if cfg.freeze else MMConfig.preset(cfg.model).freeze
+    if "llm" in parts and "llm" in frozen_parts(freeze):
+        raise ckpt.CheckpointError(f"--init_proj={cfg.init_proj} is a stage-2 checkpoint (it holds a fine-tuned LLM, "
+                                   f"llm.*) but --preset={cfg.preset} freezes the LLM (stage 1): give it a stage-1 "
+                                   f"model.pth (llm_proj only), or --init it into a stage-2 preset")
 
 
 def freeze_arg(text):
@@ -563,7 +580,8 @@ def resume(cfg, model, opt, runner=None):
     if len(set(steps.values())) != 1:
         raise ckpt.CheckpointError(f"--resume: the files of {d} belong to different steps: "
                                    + ", ".join(f"{p} step {s}" for p, s in steps.items()))
-    opt.load_state_dict(state["optimizer"])
+    if opt is not None:
+        opt.load_state_dict(state["optimizer"])
     return state["step"]
 
 # ----------------------------------------------------------------------------- training
@@ -629,10 +647,12 @@ def setup(cfg):
 
 
 def optimizer(cfg, module):
-    """AdamW over the trainable parameters; vit + qformer get lr x vision_lr_scale."""
+    """AdamW over the trainable parameters (None if there are none); vit + qformer get lr x vision_lr_scale."""
     vision = [p for n, p in module.named_parameters() if p.requires_grad and n.startswith(("vit.", "qformer."))]
     rest = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith(("vit.", "qformer."))]
     groups = [dict(params=vision, scale=cfg.vision_lr_scale), dict(params=rest, scale=1.0)]
+    if not vision + rest:  # a pipeline stage with nothing to train (stage 1: only llm_proj, on stage 0)
+        return None
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, weight_decay=cfg.weight_decay)
 
@@ -715,7 +735,7 @@ def train(cfg):
     try:
         while step < cfg.max_iters and not stopping:
             micro = next(batches)
-            for g in opt.param_groups:
+            for g in opt.param_groups if opt else ():
                 g["lr"] = lr_at(cfg, step) * g["scale"]
             count = step_count(micro, cfg.loss_norm, dp_group)
             if runner:
@@ -728,8 +748,9 @@ def train(cfg):
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step}: loss is {loss}; stopping without saving. The last good "
                                          f"checkpoint in {cfg.out_dir} (step {good_step}) is intact.")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if opt:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             step += 1
             stopping = stop.hit
             if distributed:  # a Ctrl-C lands mid-step at a different point on each rank: all stop after the same step
@@ -838,7 +859,7 @@ def main(argv=None):
         return launch(argv, nproc)
     try:
         train(cfg)
-    except FloatingPointError as e:
+    except (FloatingPointError, ckpt.CheckpointError) as e:  # bad checkpoints: refused before out_dir is touched
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
