@@ -710,14 +710,15 @@ def _train_parity(sides):
     return abs(loss["ours"] - loss["hf"]) / abs(loss["hf"]), worst
 
 
-def bench_train(repeat="3", batch="2", seq_len="96", stage1_layers="24", stage2_layers="4", dtypes="float32,bfloat16",
+def bench_train(repeat="3", batch="2", seq_len="96", stage1_layers="4", stage2_layers="4", dtypes="float32,bfloat16",
                 threads="2", model="qwen2.5-0.5b"):
     """Training step tokens/s (forward + backward + clip + AdamW step), ours (MultimodalLM) vs
     transformers' Blip2ForConditionalGeneration (Qwen2 text model) on the same weights and batch,
     for stage 1 (only llm_proj trains) and stage 2 (llm_proj + LLM), in fp32 and under bf16
     autocast (fp32 master weights). A `model`-shaped LLM (Qwen2.5-0.5B: width 896, 151936-token
-    tied vocabulary) behind the tiny ViT and a 32-query Q-Former; stage 2 keeps `stage2_layers`
-    of its 24 blocks, as fp32 AdamW over all 24 needs 8 GB per side. Both sides' loss and
+    tied vocabulary) behind the tiny ViT and a 32-query Q-Former, with 4 of its 24 blocks by
+    default (fp32 AdamW over all 24 needs 8 GB per side in stage 2; stage 1 at full depth:
+    `python bench.py train 3 2 96 24`). Both sides' loss and
     gradients are compared before timing. Each repeat runs each side (alternating) with a fresh
     optimizer: one untimed step (AdamW allocates its state) then a timed one; medians of `repeat`,
     by wall clock and by process CPU time; ratio = hf time / ours (> 1: ours faster)."""
