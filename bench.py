@@ -711,7 +711,7 @@ def _train_parity(sides):
 
 
 def bench_train(repeat="3", batch="2", seq_len="96", stage1_layers="4", stage2_layers="4", dtypes="float32,bfloat16",
-                threads="2", model="qwen2.5-0.5b"):
+                threads="2", model="qwen2.5-0.5b", stages="1,2"):
     """Training step tokens/s (forward + backward + clip + AdamW step), ours (MultimodalLM) vs
     transformers' Blip2ForConditionalGeneration (Qwen2 text model) on the same weights and batch,
     for stage 1 (only llm_proj trains) and stage 2 (llm_proj + LLM), in fp32 and under bf16
@@ -729,7 +729,7 @@ def bench_train(repeat="3", batch="2", seq_len="96", stage1_layers="4", stage2_l
           f"{'model':13} {'stage':5} {'layers':>6} {'dtype':15} {'tok/s ours':>10} {'hf':>7} {'ratio':>6} "
           f"{'cpu ratio':>9}  {'loss diff':>9} {'grad diff':>9}")
     tolerance = {"float32": (1e-5, 1e-3), "bfloat16": (2e-2, 0.2)}  # (loss, gradients), relative
-    for stage, layers in ((1, stage1_layers), (2, stage2_layers)):
+    for stage, layers in [(s, (stage1_layers, stage2_layers)[s - 1]) for s in map(int, stages.split(","))]:
         ours, hf = _chat_pair(model, torch.float32, n_layer=layers)
         data = _train_batch(ours.config, b, T)
         for dtype in dtypes.split(","):
