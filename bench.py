@@ -7,6 +7,7 @@ Benchmarks: nanoMPP side by side with the HF `transformers` reference, in one ru
     python bench.py pipeline   # our GPipe/1F1B vs torch.distributed.pipelining
     python bench.py chat       # time to first token and tokens/s for image chat
     python bench.py data       # data loading (0, 1, 2 workers) against the training step; start-up; video decode
+    python bench.py train      # training step tokens/s, stages 1 and 2: ours vs transformers Blip2
 
 Timings are medians over repeats after warm-up; ratio > 1.0 means nanoMPP is faster. Both sides of
 a row are built in the row's dtype, and check_dtypes asserts it (parameters, and the activations
@@ -21,21 +22,22 @@ import torch
 from ckpt import few
 
 
-def check_dtypes(dtype, **sides):
+def check_dtypes(dtype, params=None, **sides):
     """Refuse to time a mislabelled row (a bf16 chat row once timed our model in fp32). Each side
-    is name=(model, entry, run): every floating-point parameter of `model` must be `dtype`, and,
-    when `entry` is given, so must the activations entering it (the LLM's first block) during
-    run(), the side's warm-up. All parameters are checked before anything runs. Returns {name: run()}."""
-    want = str(dtype).removeprefix("torch.")
+    is name=(model, entry, run): every floating-point parameter of `model` must be `dtype` (or
+    `params`: fp32 master weights under bf16 autocast), and, when `entry` is given, the activations
+    entering it (the LLM's first block) during run(), the side's warm-up, must be `dtype`. All
+    parameters are checked before anything runs. Returns {name: run()}."""
+    want = str(params or dtype).removeprefix("torch.")
     for side, (model, _, _) in sides.items():
         bad = {}
         for n, p in model.named_parameters():
-            if p.is_floating_point() and p.dtype != dtype:
+            if p.is_floating_point() and p.dtype != (params or dtype):
                 bad.setdefault(str(p.dtype).removeprefix("torch."), []).append(n)
         if bad:
             raise AssertionError(f"{side}: row dtype {want}, but parameters in " +
                                  "; ".join(f"{d}: {few(names)}" for d, names in bad.items()))
-    out = {}
+    out, want = {}, str(dtype).removeprefix("torch.")
     for side, (model, entry, run) in sides.items():
         where, seen = next((n for n, m in model.named_modules() if m is entry), type(entry).__name__), []
 
@@ -431,10 +433,11 @@ def bench_pipeline(steps="12", warmup="2", m="8"):
 
 # --- chat ---
 
-def _chat_pair(name, dtype):
+def _chat_pair(name, dtype, n_layer=None):
     """Our MultimodalLM and transformers' Blip2ForConditionalGeneration (Qwen2 text model) holding
     the same random weights (ours adopts the reference's tensors). 'toy': train.py's toy shapes;
-    'qwen2.5-0.5b': that LLM behind the tiny ViT and a 32-query tiny Q-Former."""
+    'qwen2.5-0.5b': that LLM (n_layer blocks, default all) behind the tiny ViT and a 32-query tiny
+    Q-Former."""
     import transformers
     from ckpt import load_into
     from convert import QWEN2_IGNORE, QWEN2_RULES, remap, vision_state
@@ -449,6 +452,8 @@ def _chat_pair(name, dtype):
     else:
         cfg = MMConfig(vit=ViTConfig.preset("tiny"), qformer=QFormerConfig.preset("tiny", num_query=32),
                        llm=QwenConfig.preset(name))
+    if n_layer:
+        cfg.llm.n_layer = int(n_layer)
     v, q, c = cfg.vit, cfg.qformer, cfg.llm
     text = hf_qwen2_config(c)
     torch.manual_seed(0)
@@ -896,6 +901,130 @@ def _bench_video(path="", repeat="5"):
                 cpu.append(time.process_time() - c0)  # all of the process' threads: steadier on a shared machine
             print(f"  {name:28} median {statistics.median(times) * 1e3:6.0f} ms wall (range {min(times) * 1e3:.0f}-"
                   f"{max(times) * 1e3:.0f}), {statistics.median(cpu) * 1e3:6.0f} ms CPU", flush=True)
+
+
+# --- train ---
+
+STAGES = {1: "pretrain", 2: "sft"}  # train.py's freeze presets: stage 1 trains llm_proj only, stage 2 also the LLM
+
+
+def _train_batch(cfg, batch, seq_len):
+    """`batch` rows of seq_len tokens: _chat_prompt (one image) followed by an answer of random byte
+    tokens; only the answer is supervised, as data.py labels a reply. -> input_ids, labels, pixels."""
+    prompt = _chat_prompt(cfg, question_len=8)[0]
+    g = torch.Generator().manual_seed(1)
+    if seq_len <= len(prompt) + 1:
+        raise ValueError(f"seq_len {seq_len} leaves no answer after the {len(prompt)}-token prompt")
+    answer = torch.randint(0, 256, (batch, seq_len - len(prompt)), generator=g)
+    ids = torch.cat((prompt.expand(batch, -1), answer), 1)
+    labels = ids.clone()
+    labels[:, :len(prompt)] = -100  # qwen.IGNORE, HF's ignore_index
+    pixels = torch.randn(batch, 3, cfg.vit.img_size, cfg.vit.img_size, generator=g)
+    return ids, labels, pixels
+
+
+def _train_sides(ours, hf, stage, batch, autocast):
+    """Each side frozen for `stage` and trained by train.py's step: the loss under the one autocast,
+    backward, gradient clipping, train.py's AdamW (its optimizer(), over that side's trainable
+    parameters), zero_grad. -> {side: (model, loss(), step(opt), new_opt())}."""
+    import train
+    from contextlib import nullcontext
+    cfg = train.Config(lr=1e-5)  # small steps: the two sides share (and both update) one set of weights
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else nullcontext
+    ids, labels, pixels = batch
+    mask = torch.ones_like(ids)
+    ours.set_frozen(STAGES[stage]).train()
+    trained = [hf.language_projection] + ([hf.language_model] if stage == 2 else [])
+    hf.requires_grad_(False).eval()  # vision_model (with ln_vision), qformer, query_tokens [, LLM]
+    for m in trained:
+        m.requires_grad_(True).train()  # the frozen parts stay in eval mode, as ours do
+    batch = dict(input_ids=ids, attention_mask=mask, images=pixels, labels=labels)
+    losses = {"ours": lambda: ours(batch, full_logits=False)[1],  # the head at supervised positions only
+              "hf": lambda: hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels).loss}
+    sides = {}
+    for side, model in (("ours", ours), ("hf", hf)):
+        def step(opt, model=model, loss=losses[side]):
+            with ctx():
+                value = loss()
+            value.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def forward_backward(loss=losses[side]):
+            with ctx():
+                value = loss()
+            value.backward()
+            return value
+        sides[side] = (model, forward_backward, step, lambda model=model: train.optimizer(cfg, model))
+    return sides
+
+
+def _train_parity(sides):
+    """One forward + backward on each side, before any step: (|loss diff| / |loss|, worst over the
+    trainable tensors of max |grad diff| / max |grad|). The sides share their weights' storage,
+    which pairs the tensors."""
+    loss, grads = {}, {}
+    for side, (model, forward_backward, _, _) in sides.items():
+        loss[side] = forward_backward().item()
+        grads[side] = {p.data_ptr(): p.grad for p in model.parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)  # the next side's backward must not add to these
+    if grads["ours"].keys() != grads["hf"].keys():
+        raise AssertionError(f"the sides train different tensors: {len(grads['ours'])} ours, {len(grads['hf'])} hf")
+    worst = max(float((g - grads["hf"][k]).abs().max() / grads["hf"][k].abs().max().clamp(min=1e-30))
+                for k, g in grads["ours"].items())
+    return abs(loss["ours"] - loss["hf"]) / abs(loss["hf"]), worst
+
+
+def bench_train(repeat="3", batch="2", seq_len="96", stage1_layers="4", stage2_layers="4", dtypes="float32,bfloat16",
+                threads="2", model="qwen2.5-0.5b", stages="1,2"):
+    """Training step tokens/s (forward + backward + clip + AdamW step), ours (MultimodalLM) vs
+    transformers' Blip2ForConditionalGeneration (Qwen2 text model) on the same weights and batch,
+    for stage 1 (only llm_proj trains) and stage 2 (llm_proj + LLM), in fp32 and under bf16
+    autocast (fp32 master weights). A `model`-shaped LLM (Qwen2.5-0.5B: width 896, 151936-token
+    tied vocabulary) behind the tiny ViT and a 32-query Q-Former, with 4 of its 24 blocks by
+    default (fp32 AdamW over all 24 needs 8 GB per side in stage 2; stage 1 at full depth:
+    `python bench.py train 3 2 96 24`). Both sides' loss and
+    gradients are compared before timing. Each repeat runs each side (alternating) with a fresh
+    optimizer: one untimed step (AdamW allocates its state) then a timed one; medians of `repeat`,
+    by wall clock and by process CPU time; ratio = hf time / ours (> 1: ours faster)."""
+    torch.set_num_threads(int(threads))
+    repeat, b, T = int(repeat), int(batch), int(seq_len)
+    print(f"training step (forward + backward + clip + AdamW), batch {b} x {T} tokens, {torch.get_num_threads()} "
+          f"threads, median of {repeat}; tok/s = batch tokens / step time; ratio = hf time / ours\n"
+          f"{'model':13} {'stage':5} {'layers':>6} {'dtype':15} {'tok/s ours':>10} {'hf':>7} {'ratio':>6} "
+          f"{'cpu ratio':>9}  {'loss diff':>9} {'grad diff':>9}")
+    tolerance = {"float32": (1e-5, 1e-3), "bfloat16": (2e-2, 0.2)}  # (loss, gradients), relative
+    for stage, layers in [(s, (stage1_layers, stage2_layers)[s - 1]) for s in map(int, stages.split(","))]:
+        ours, hf = _chat_pair(model, torch.float32, n_layer=layers)
+        data = _train_batch(ours.config, b, T)
+        for dtype in dtypes.split(","):
+            dt = getattr(torch, dtype)
+            sides = _train_sides(ours, hf, stage, data, autocast=dt != torch.float32)
+            loss_diff, grad_diff = _train_parity(sides)
+            if loss_diff > tolerance[dtype][0] or grad_diff > tolerance[dtype][1]:
+                raise AssertionError(f"stage {stage} {dtype}: the sides compute different things: loss differs by "
+                                     f"{loss_diff:.1e}, gradients by {grad_diff:.1e} (relative)")
+            times = {side: [] for side in sides}
+
+            def run(side):
+                _, _, step, new_opt = sides[side]
+                opt = new_opt()
+                step(opt)  # untimed: AdamW allocates its state on the first step
+                w, c = time.perf_counter(), time.process_time()
+                step(opt)
+                times[side].append((time.perf_counter() - w, time.process_time() - c))
+            entry = {"ours": ours.llm.layers[0].self_attn.o_proj, "hf": hf.language_model.model.layers[0].self_attn.o_proj}
+            # the first repeat, checked: fp32 parameters, and `dtype` activations inside the LLM's first block
+            check_dtypes(dt, params=torch.float32, **{k: (sides[k][0], entry[k], lambda k=k: run(k)) for k in sides})
+            for _ in range(repeat - 1):
+                for side in sides:
+                    run(side)
+            (wo, co), (wh, ch) = [[statistics.median(v) for v in zip(*times[side])] for side in ("ours", "hf")]
+            label = "bf16 autocast" if dt != torch.float32 else dtype
+            print(f"{model:13} {stage:5d} {ours.config.llm.n_layer:6d} {label:15} {b * T / wo:10.1f} {b * T / wh:7.1f} "
+                  f"{wh / wo:5.2f}x {ch / co:8.2f}x  {loss_diff:9.1e} {grad_diff:9.1e}", flush=True)
+        del ours, hf, sides
 
 
 if __name__ == "__main__":

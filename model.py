@@ -24,7 +24,7 @@ import torch.nn as nn
 import ckpt
 from phi import Phi, PhiConfig
 from qformer import QFormer, QFormerConfig
-from qwen import IGNORE, Qwen, QwenConfig, loss_sum
+from qwen import IGNORE, Qwen, QwenConfig, loss_sum, supervised
 from vit import EVAViT, ViTConfig, interpolate_pos_embed
 
 # llm_type -> (config, model); 'llama' is qwen.py's third layout, its own type for its own chat template
@@ -40,7 +40,7 @@ FREEZE_PRESETS = {"pretrain": ("vit", "qformer", "llm"), "sft": ("vit", "qformer
 def supervised_count(batch, loss_norm="token"):
     """The loss denominator of `batch`: supervised tokens ('token') or samples with at least one
     supervised token ('sample'). Sum it over every microbatch and rank of a step, pass it as `count`."""
-    sup = batch["labels"][:, 1:] != IGNORE  # the first label is never predicted
+    sup = supervised(batch["labels"])  # the first label is never predicted
     return int(sup.sum()) if loss_norm == "token" else int(sup.any(1).sum())
 
 
@@ -218,19 +218,21 @@ class MultimodalLM(nn.Module):
         features = self.encode_images(images) if has_images else None
         return splice_images(x, input_ids, features, self.config.image_token_id)
 
-    def forward(self, batch, count=None):
+    def forward(self, batch, count=None, full_logits=True):
         """batch from data.collate: input_ids, labels (aligned, not shifted), attention_mask,
         images. loss = loss_sum / count, count defaulting to this batch's supervised_count; pass
-        the whole step's count (all microbatches and ranks) to get the full-batch gradients."""
-        mask = batch.get("attention_mask")
+        the whole step's count (all microbatches and ranks) to get the full-batch gradients.
+        full_logits=False (training): the head runs only at the positions that predict a
+        supervised label, which saves most of the lm_head and cross-entropy work; logits is None."""
+        mask, labels = batch.get("attention_mask"), batch.get("labels")
         x = self.embed(batch["input_ids"], batch.get("images"))
         x = self.llm.forward_blocks(x, self.llm.layers, attention_mask=mask)
-        logits = self.llm.head(x)
-        if batch.get("labels") is None:
-            return logits, None
+        if labels is None:
+            return self.llm.head(x), None
         if count is None:
             count = supervised_count(batch, self.config.loss_norm)
-        return logits, loss_sum(logits, batch["labels"], self.config.loss_norm) / max(count, 1)
+        logits = self.llm.head(x if full_logits else x[:, :-1][supervised(labels)])  # [B, T, V] or [N, V]
+        return logits if full_logits else None, loss_sum(logits, labels, self.config.loss_norm) / max(count, 1)
 
 
     def generate(self, input_ids, images=None, attention_mask=None, **kw):

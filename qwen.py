@@ -133,17 +133,26 @@ def attend(q, k, v, ctx, layer):
 IGNORE = -100  # label of unsupervised positions (padding, prompts, image tokens)
 
 
+def supervised(labels):
+    """bool [B, T-1]: the positions t whose next label labels[t + 1] is supervised."""
+    return labels[:, 1:] != IGNORE
+
+
 def loss_sum(logits, labels, loss_norm="token"):
     """Summed loss of one (micro)batch; divide by the step's count of supervised tokens (or samples)
     to get the mean. labels are aligned with the inputs (not shifted): position t predicts
-    labels[t + 1]. 'token': sum of the token cross-entropies (MiniGPT4Qwen). 'sample': sum over
-    samples of each sample's mean token cross-entropy, so long answers do not outweigh short ones."""
-    targets = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                         ignore_index=IGNORE, reduction="none").view(targets.shape)
+    labels[t + 1]. logits [B, T, V] at every position, or [N, V] at only the N positions of
+    supervised(labels), in reading order (training needs no others). 'token': sum of the token
+    cross-entropies (MiniGPT4Qwen). 'sample': sum over samples of each sample's mean token
+    cross-entropy, so long answers do not outweigh short ones."""
+    sup = supervised(labels)
+    if logits.dim() == 3:
+        logits = logits[:, :-1][sup]  # [N, V]
+    ce = F.cross_entropy(logits.float(), labels[:, 1:][sup], reduction="none")  # [N]
     if loss_norm == "token":
         return ce.sum()
-    return (ce.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)).sum()
+    per_row = ce.new_zeros(sup.shape[0]).index_add(0, sup.nonzero()[:, 0], ce)  # [B] summed per sample
+    return (per_row / sup.sum(1).clamp(min=1)).sum()
 
 
 def apply_repetition_penalty(logits, seen, penalty):

@@ -166,3 +166,54 @@ def test_bench_data_rows_run(capsys, tmp_path):
     starts = [line for line in out if "peak RSS" in line]
     assert len(starts) == 2 and "built True" in starts[0] and "built False" in starts[1]
     assert len({re.search(r"\((\d+) rows", line)[1] for line in starts}) == 1  # the same rows both times
+
+
+@pytest.mark.parametrize("loss_norm", ["token", "sample"])
+def test_supervised_only_head_gives_the_same_loss_and_gradients(loss_norm):
+    """full_logits=False (the head at supervised positions only, what bench.py train times) is the
+    same objective as the full logits, for both loss normalisations."""
+    ours, _ = bench._chat_pair("toy", torch.float32)
+    ours.config.loss_norm = loss_norm
+    ids, labels, pixels = bench._train_batch(ours.config, 2, 48)
+    labels[1, -4:] = -100  # rows with different numbers of supervised tokens
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), images=pixels, labels=labels)
+    ours.set_frozen("sft").train()
+    got = {}
+    for full in (True, False):
+        logits, loss = ours(batch, full_logits=full)
+        assert (logits is None) != full
+        loss.backward()
+        got[full] = loss.detach(), {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+        ours.zero_grad(set_to_none=True)
+    torch.testing.assert_close(got[False][0], got[True][0])
+    assert got[False][1].keys() == got[True][1].keys() and "llm_proj.weight" in got[True][1]
+    for n, g in got[True][1].items():
+        torch.testing.assert_close(got[False][1][n], g, msg=n)
+
+
+def test_bench_train_checks_loss_and_gradients(capsys):
+    """bench.py train at tiny sizes: both sides' loss and gradients are compared (and must agree)
+    before the timed steps, and every stage x dtype row prints its ratio."""
+    bench.bench_train(repeat="1", batch="2", seq_len="48", stage1_layers="2", stage2_layers="2", model="toy")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("toy")]
+    assert [row[1:3] + row[3:-6] for row in rows] == [["1", "2", "float32"], ["1", "2", "bf16", "autocast"],
+                                                       ["2", "2", "float32"], ["2", "2", "bf16", "autocast"]]
+    for row in rows:
+        assert row[-4].endswith("x") and row[-3].endswith("x")  # wall and CPU ratios
+        assert float(row[-2]) <= (1e-5 if row[3] == "float32" else 2e-2)  # loss, relative
+        assert float(row[-1]) <= (1e-3 if row[3] == "float32" else 0.2)  # gradients, relative
+
+
+def test_bench_train_refuses_different_computations(monkeypatch):
+    """A reference side that computes something else (its image features doubled) fails the check
+    before anything is timed, naming the row."""
+    pair = bench._chat_pair
+
+    def doubled(*args, **kw):
+        ours, hf = pair(*args, **kw)
+        hf.language_projection.register_forward_hook(lambda mod, args, out: 2 * out)
+        return ours, hf
+    monkeypatch.setattr(bench, "_chat_pair", doubled)
+    with pytest.raises(AssertionError, match=r"^stage 1 float32: the sides compute different things: loss differs by "):
+        bench.bench_train(repeat="1", batch="2", seq_len="48", stage1_layers="2", stage2_layers="2",
+                          dtypes="float32", model="toy")
