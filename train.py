@@ -608,7 +608,7 @@ def forward_backward(net, micro, count, ctx, device, dp_group=None):
         sync = net.no_sync() if dp_group is not None and i < len(micro) - 1 else nullcontext()
         with sync:
             with ctx:
-                part = net(mb, count)[1]
+                part = net(mb, count, full_logits=False)[1]  # the head only where a label is supervised
             (part * dp_size).backward()
         loss += part.detach().float()
     if dp_group is not None:

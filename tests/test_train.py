@@ -123,8 +123,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys)
     forward = MultimodalLM.forward
     calls = []
 
-    def poisoned(self, batch, count=None):
-        logits, loss = forward(self, batch, count)
+    def poisoned(self, batch, count=None, **kw):
+        logits, loss = forward(self, batch, count, **kw)
         calls.append(1)
         return logits, loss * float("nan") if len(calls) == 7 else loss
     monkeypatch.setattr(MultimodalLM, "forward", poisoned)
