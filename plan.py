@@ -38,13 +38,13 @@ import weakref
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from model import MultimodalLM
 from pipeline import schedule_table, peak_in_flight, split_layers, stage_costs
-from qwen import loss_sum
 
 GiB = 2 ** 30
 HEADROOM = 0.9  # a plan fits if its peak leaves 10% for the CUDA context and fragmentation
@@ -135,8 +135,10 @@ def _stage_forward(model, lo, hi, first, last, B, T, x_dtype):
     else:  # the received activation; the engine makes it require grad
         x = torch.zeros(B, T, llm.config.n_embd, dtype=x_dtype, requires_grad=True)
     x = llm.forward_blocks(x, [llm.layers[i] for i in range(lo, hi)])  # no attention_mask: full-length rows
-    if last:
-        return loss_sum(llm.head(x), torch.zeros(B, T, dtype=torch.long), cfg.loss_norm)
+    if last:  # every row full-length and supervised: the head and cross-entropy at all T - 1 positions, as
+        # training runs them (qwen.loss_sum picks those positions by a boolean mask, which fake tensors cannot)
+        logits = llm.head(x[:, :-1]).flatten(0, 1).float()
+        return F.cross_entropy(logits, torch.zeros(B * (T - 1), dtype=torch.long), reduction="sum")
     return x
 
 

@@ -174,7 +174,7 @@ def test_stage1_output_is_not_an_sft_init(phi, tmp_path):
                tmp_path / "model.pth")
     assert convert("minigpt4qwen", tmp_path / "model.pth", tmp_path / "mpp-stage1", cwd=work).returncode == 0
     out = tmp_path / "run"
-    r = train_run(["--preset=mpp-qwen7b-sft", f"--init={tmp_path / 'mpp-stage1'}", f"--out_dir={out}"], work)
+    r = train_run(["--preset=mpp-qwen7b-sft", "--num_stages=1", f"--init={tmp_path / 'mpp-stage1'}", f"--out_dir={out}"], work)
     refused(r, f"error: {tmp_path / 'mpp-stage1'}/config.json has no 'model' section: not a nanoMPP multimodal "
                f"checkpoint", out)
 
