@@ -391,10 +391,14 @@ def vision_state(src, kind, vit_config=None):
     vit_config = vit_config or ViTConfig.preset("eva_vit_g")
     prefix = {"eva_vit_g": "", "blip2_lavis": "visual_encoder."}.get(kind)
     blocks = {int(m.group(1)) for m in (re.match(re.escape(prefix or "") + r"blocks\.(\d+)\.", k) for k in src) if m}
-    if prefix is not None and blocks and blocks != set(range(vit_config.depth + 1)):
+    # eva_vit_g.pth holds all 40 blocks (BLIP-2 runs 39 and drops the last); a BLIP-2 .pth holds the 39 it runs.
+    # Fewer blocks than that is a partial file (extra ones are unexpected keys, reported below).
+    stored = vit_config.depth + (kind == "eva_vit_g")
+    if prefix is not None and blocks and not set(range(stored)) <= blocks:
         raise CheckpointError(f"ViT blocks {min(blocks)}..{max(blocks)} ({len(blocks)}) in the file, expected "
-                              f"0..{vit_config.depth} (BLIP-2 runs {vit_config.depth} and drops the last): a partial "
-                              f"file, or one with fewer blocks (convert it with --vit_depth={len(blocks) - 1})")
+                              f"0..{stored - 1} (BLIP-2 runs {vit_config.depth}{' and drops the last' if kind == 'eva_vit_g' else ''}): "
+                              f"a partial file, or one with fewer blocks (convert it with "
+                              f"--vit_depth={len(blocks) - (kind == 'eva_vit_g')})")
     if kind == "eva_vit_g":
         out = remap(_drop_last_block(src, "", vit_config.depth), _table_rules(VIT_TABLE, 0, "", "vit."))
     elif kind == "blip2_lavis":
