@@ -167,3 +167,18 @@ def blip2_batch(img, q, ignore=-100):
     mask = torch.tensor([[1] * len(a), [1] * len(b) + [0] * (len(a) - len(b))])
     pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     return ids, mask, pixels, ids.masked_fill((ids == img) | (mask == 0), ignore)
+
+
+def interrupt_after(n):
+    """Wrap step_batches: deliver a real SIGINT while the n-th step's batch is handed out, as a
+    user pressing Ctrl-C in the middle of that step."""
+    import signal
+    import train
+    original = train.step_batches
+
+    def wrapped(*args):
+        for k, micro in enumerate(original(*args), 1):
+            if k == n:
+                signal.raise_signal(signal.SIGINT)
+            yield micro
+    return wrapped

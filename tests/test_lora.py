@@ -13,6 +13,7 @@ import torch
 import ckpt
 import lora
 import train
+from conftest import interrupt_after
 from model import MMConfig, MultimodalLM
 from phi import PhiConfig
 from qformer import QFormerConfig
@@ -145,19 +146,6 @@ def test_lora_teaches_the_frozen_toy_a_new_task(trained, tmp_path):
     assert before["colour"] <= 0.1
     _, acc = train.train(cfg)
     assert acc["colour"] >= chance["colour"] + 0.3, (acc, chance)
-
-
-def interrupt_after(n):
-    """Wrap train.step_batches: a real SIGINT while the n-th step's batch is handed out."""
-    import signal
-    original = train.step_batches
-
-    def wrapped(*args):
-        for k, micro in enumerate(original(*args), 1):
-            if k == n:
-                signal.raise_signal(signal.SIGINT)
-            yield micro
-    return wrapped
 
 
 def test_adapter_checkpoint_is_small_resumes_exactly_and_refuses_another_base(trained, tmp_path, monkeypatch):

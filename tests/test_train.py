@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import ckpt
 import train
+from conftest import interrupt_after
 from data import IMAGE_TOKEN, TEMPLATES, collate
 from model import MMConfig, MultimodalLM
 from phi import PhiConfig
@@ -65,19 +66,6 @@ def test_short_run_lowers_loss(tmp_path):
                                         "train_state.pt"]
     model = MultimodalLM.from_checkpoint(tmp_path / "run")  # what chat.py loads
     assert model.config.loss_norm == "sample"
-
-
-def interrupt_after(n):
-    """Wrap step_batches: deliver a real SIGINT while the n-th step's batch is handed out, as a
-    user pressing Ctrl-C in the middle of that step."""
-    original = train.step_batches
-
-    def wrapped(*args):
-        for k, micro in enumerate(original(*args), 1):
-            if k == n:
-                signal.raise_signal(signal.SIGINT)
-            yield micro
-    return wrapped
 
 
 def test_ctrl_c_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
