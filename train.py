@@ -24,9 +24,9 @@ Checkpoints (ckpt.py): every save is a new out_dir/step-NNNNNN directory that ou
 to once it is complete, so a crash at any instant leaves the previous step whole; --resume refuses
 a step directory whose files belong to different steps.
 
-At about 700 lines this is twice nanoGPT's train.py because it is the one script for every
-run: the toy's from-scratch init and curriculum, the public presets, DDP (which plain `python`
-starts by itself on a multi-core CPU) and pipeline stages, held-out exact-match evaluation,
+At about 870 lines this is nearly three times nanoGPT's train.py because it is the one script for every
+run: the toy's from-scratch init and curriculum, the public presets, DDP (plain `python` starts it
+itself with --cpu_processes), pipeline stages, LoRA, --plan, held-out exact-match evaluation,
 background batch building, and saves that survive a crash.
 Read it top to bottom: config, model and data, evaluation, checkpoints, the step, train().
 """
