@@ -222,6 +222,10 @@ class DecoderLM(nn.Module):
     @staticmethod
     def _mask(attention_mask, T, start, L, device):
         """Boolean attention mask [B, 1, T, L], or None for the plain causal case."""
+        if attention_mask is not None and start == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            # right padding (collate's layout): a real token's earlier keys are all real, so plain
+            # causal attention is exact at every real position, and faster; nothing reads the pads'
+            attention_mask = None
         if attention_mask is None and (T == 1 or start == 0):
             return None
         q_idx = torch.arange(start, L, device=device)[:, None]

@@ -5,8 +5,8 @@ With no arguments it trains the toy model (the real architecture at tiny sizes) 
 the built-in synthetic dataset on the CPU, evaluates held-out exact-match accuracy per task and
 writes a checkpoint to out/toy/ where `python chat.py` finds it.
 
-    python train.py                                    # the toy: ~9 min on one CPU core (incl. data)
-    python train.py --cpu_processes=2 --batch_size=16  # the same rows per step in 2 processes
+    python train.py                                    # the toy: 2 processes x 16 rows, ~6 min on 2 cores
+    python train.py --cpu_processes=1 --batch_size=32  # the same rows per step in 1 process
     python train.py --preset=toy-long                  # 4x longer
     python train.py --max_iters=2000 --batch_size=8    # any Config field as --key=value
     python train.py --resume                           # continue out/<preset>/ exactly
@@ -88,7 +88,7 @@ class Config:
     image_size: int = 32
     num_query: int = 16
     # optimisation: AdamW, linear warmup then cosine to min_lr
-    batch_size: int = 32         # per rank and microbatch
+    batch_size: int = 16         # per rank and microbatch (the toy: 2 processes x 16 = 32 rows a step)
     grad_accum: int = 1
     max_iters: int = 3700
     lr: float = 1e-3
@@ -114,9 +114,10 @@ class Config:
     resume: bool = False
     seed: int = 0
     threads: int = 1             # torch CPU threads per process (0 = torch's default)
-    cpu_processes: int = 1       # plain `python train.py` on a CPU runs as this many data-parallel
-                                 # gloo processes (at most one per core): tiny matrices keep one
-                                 # thread busy, not two, so a second core needs a second process.
+    cpu_processes: int = 2       # plain `python train.py` on a CPU runs as this many data-parallel
+                                 # gloo processes, one per core: tiny matrices keep one thread busy,
+                                 # not two, so a second core needs a second process. (On one core the
+                                 # two share it: the same rows, the same run, only slower.)
                                  # (Not `nproc`: torchrun would take --nproc as its --nproc-per-node.)
 
 
@@ -653,8 +654,10 @@ def optimizer(cfg, module):
     groups = [dict(params=vision, scale=cfg.vision_lr_scale), dict(params=rest, scale=1.0)]
     if not vision + rest:  # a pipeline stage with nothing to train (stage 1: only llm_proj, on stage 0)
         return None
+    # fused: one kernel updates every tensor (on CPU 5x faster than the per-tensor loop; same update rule)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in vision + rest)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, weight_decay=cfg.weight_decay)
+                             eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 class Log:
@@ -853,7 +856,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
-    nproc = min(cfg.cpu_processes, os.cpu_count() or 1)
+    nproc = cfg.cpu_processes
     if nproc > 1 and "WORLD_SIZE" not in os.environ and runtime.pick_device().type == "cpu":
         datasets(cfg)  # the synthetic data is made once, here, before the workers look for it
         return launch(argv, nproc)

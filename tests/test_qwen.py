@@ -175,3 +175,21 @@ def test_grad_checkpointing_gives_the_same_gradients():
         saved.append(n[0])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert saved[1] < saved[0] / 2, saved  # only block inputs are kept for the backward
+
+
+def test_right_padding_takes_the_causal_path_and_keeps_real_positions_exact():
+    """collate pads on the right: no mask is built (plain causal attention), and every real
+    position's logits equal its row run alone. Left padding (generation) still gets a mask."""
+    torch.manual_seed(0)
+    m = Qwen(QwenConfig.preset("tiny")).eval()
+    lens = [16, 11, 5]
+    rows = [prompts(1, n, seed=n)[0] % 512 for n in lens]
+    idx, mask = torch.zeros(3, 16, dtype=torch.long), torch.zeros(3, 16, dtype=torch.long)
+    for i, (r, n) in enumerate(zip(rows, lens)):
+        idx[i, :n], mask[i, :n] = r, 1
+    assert m._mask(mask, 16, 0, 16, "cpu") is None
+    assert m._mask(mask.flip(1), 16, 0, 16, "cpu") is not None
+    with torch.no_grad():
+        padded, _ = m(idx, attention_mask=mask)
+        for i, (r, n) in enumerate(zip(rows, lens)):
+            torch.testing.assert_close(padded[i, :n], m(r[None])[0][0], atol=1e-5, rtol=0)
