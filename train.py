@@ -70,7 +70,7 @@ class Config:
     num_workers: int = 0         # processes that build the next steps' batches (0: the training process)
     max_len: int = 256
     max_frames: int = 2          # video frames the model sees (the synthetic videos have 4)
-    curriculum_tasks: str = "count,shape,caption"  # the warm-up's tasks (rows' `task` field)
+    curriculum_tasks: str = "count,position,caption"  # the warm-up's tasks (rows' `task` field)
     curriculum_iters: int = 1000  # steps of warm-up on curriculum_tasks only
     oversample: str = "count,position,video"  # tasks drawn twice as often after the warm-up
     # model: 'toy' (built here) or an MM_PRESETS name; weights from convert.py output
