@@ -48,7 +48,7 @@ ROLES = ("system", "user", "assistant")
 
 # The chat templates, one per LLM family: the text that closes every answer (supervised, so the
 # model learns to end) and the tokens that end generation. data.py builds prompts and labels from
-# it, train.py's evaluation cuts gold answers with it, chat.py stops on it; `pad` fills batches.
+# it, evaluate.py cuts gold answers with it, chat.py stops on it; `pad` fills batches.
 # ChatML (Qwen v1 and v2): <|im_start|>role\n text <|im_end|>\n per turn.
 # phi (TinyGPT-V / MiniGPT-v2 style): "[INST] question [/INST]" + " answer<|endoftext|>"; TinyGPT-V
 # ends answers with "###", we with Phi-2's own <|endoftext|>, one id to stop on.
