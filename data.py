@@ -16,27 +16,24 @@ count; it is never silently misaligned. Malformed rows raise an error naming the
 or with skip_bad=True are skipped with one counted warning.
 
 Start-up: the rows are validated and tokenized once, into an index (per row its byte span in the
-file, kind, task, media, token count) stored beside the data file and keyed by its content, the
-tokenizer, the template and the settings; later runs and every rank read it (665k LLaVA rows with
+file, kind, task, media, token count) that index.py stores beside the data file, keyed by its content,
+the tokenizer, the template and the settings; later runs and every rank read it (665k LLaVA rows with
 Qwen's vocabulary: 3-4 s and 400 MB per process, against minutes and 2 GB when every process parsed
 and kept every row), and __getitem__ reads, parses and tokenizes its row again.
 """
 import array
 from collections.abc import Sequence
-import fcntl
-import hashlib
 import json
 import math
 import os
 import warnings
-import zipfile
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-import ckpt
 from formats import IMAGE_HERE, IMAGE_PLACEHOLDER, MediaIndex, iter_rows, parse_row, read_row
+from index import digest, file_digest, load_index
 from model import IGNORE
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's (CLIP's) normalisation
@@ -48,7 +45,7 @@ ROLES = ("system", "user", "assistant")
 
 # The chat templates, one per LLM family: the text that closes every answer (supervised, so the
 # model learns to end) and the tokens that end generation. data.py builds prompts and labels from
-# it, train.py's evaluation cuts gold answers with it, chat.py stops on it; `pad` fills batches.
+# it, evaluate.py cuts gold answers with it, chat.py stops on it; `pad` fills batches.
 # ChatML (Qwen v1 and v2): <|im_start|>role\n text <|im_end|>\n per turn.
 # phi (TinyGPT-V / MiniGPT-v2 style): "[INST] question [/INST]" + " answer<|endoftext|>"; TinyGPT-V
 # ends answers with "###", we with Phi-2's own <|endoftext|>, one id to stop on.
@@ -320,22 +317,9 @@ def fit(n_tokens, media_end, max_len):
 
 
 # The index: one entry per row kept, built (and every row validated) once, then stored beside the
-# data file under a name keyed by what it depends on, and re-read by every later run and rank.
+# data file under a name keyed by what it depends on, and re-read by every later run and rank (index.py).
 INDEX_VERSION = 1  # bump when what an entry holds, or how rows are validated, changes
 KINDS = ("text-only", "single image", "multi-image", "video")
-
-
-def _sha256(chunks):
-    h = hashlib.sha256()
-    for c in chunks:
-        c = c if isinstance(c, bytes) else str(c).encode()
-        h.update(len(c).to_bytes(8, "little") + c)  # length-prefixed: ("ab", "c") is not ("a", "bc")
-    return h.hexdigest()
-
-
-def file_digest(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def build_index(json_path, image_root, tok, num_query_tokens, max_len, max_frames, template, skip_bad):
@@ -371,57 +355,6 @@ def build_index(json_path, image_root, tok, num_query_tokens, max_len, max_frame
                 bad_why=np.array([w for _, w in bad], dtype=str), too_long=np.array(too_long, np.int64))
 
 
-def _checksum(arrays):
-    return _sha256(x for k in sorted(arrays) for x in (k, arrays[k].dtype.str, arrays[k].shape, arrays[k].tobytes()))
-
-
-def _read_index(path, key):
-    """The arrays stored at path if the file is whole (its checksum matches) and was built for `key`,
-    else None; a damaged file is reported, never used."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        warnings.warn(f"index cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it")
-        return None
-    if str(arrays.pop("checksum", "")) != _checksum(arrays):
-        warnings.warn(f"index cache {path} is corrupt (checksum mismatch); rebuilding it")
-        return None
-    return arrays if str(arrays.pop("key")) == key else None
-
-
-def load_index(json_path, build, key, cache=True):
-    """(arrays, path of the cache file or None, built?): the cache file for `key` beside the data file
-    if it is there and whole, else build() and store it (atomically). The first process to miss holds
-    a lock on the data file while it builds; the others wait for it, then read its file."""
-    if not cache:
-        return build(), None, True
-    path = f"{json_path}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.index.npz"
-    arrays = _read_index(path, key)
-    if arrays is not None:
-        return arrays, path, False
-    with open(json_path, "rb") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        arrays = _read_index(path, key)
-        if arrays is not None:
-            return arrays, path, False
-        arrays = build()
-        stored = dict(arrays, key=np.array(key))
-        stored["checksum"] = np.array(_checksum(stored))
-
-        def write(p):
-            with open(p, "wb") as f:
-                np.savez(f, **stored)
-        try:
-            ckpt.atomic_write(path, write)
-        except OSError as e:
-            warnings.warn(f"cannot store the index cache {path} ({e}); the next start will build it again")
-            path = None
-    return arrays, path, True
-
-
 class _Listed(MediaIndex):
     """The media the index found when it validated the row: no directory listing again."""
 
@@ -439,7 +372,7 @@ class _Listed(MediaIndex):
 class VLDataset(torch.utils.data.Dataset):
     """Rows are validated (structure, files exist, placeholder counts, fit in max_len) when the
     index is built, the first time a data file is used with these settings; later runs read the
-    cache file (see load_index). A row is read again from the file, parsed and tokenized in
+    cache file (see index.load_index). A row is read again from the file, parsed and tokenized in
     __getitem__, and its images and videos are loaded there. Item: dict(input_ids LongTensor[T],
     labels LongTensor[T], images FloatTensor[n,3,S,S], task str if the row has one).
     load_media=False (a pipeline's later stages, which only need tokens): no images are opened and
@@ -453,7 +386,7 @@ class VLDataset(torch.utils.data.Dataset):
         self.max_len, self.train, self.max_frames, self.template = max_len, train, max_frames, template
         self.image_root, self.load_media, self.frames_must_match = image_root, True, False
         key = json.dumps(dict(version=INDEX_VERSION, data=file_digest(self.json_path),
-                              tokenizer=_sha256(x for kv in sorted(tok.files().items()) for x in kv),
+                              tokenizer=digest(x for kv in sorted(tok.files().items()) for x in kv),
                               image_root=os.path.abspath(image_root or "."), num_query=num_query_tokens,
                               max_len=max_len, max_frames=max_frames, template=template, skip_bad=skip_bad))
         build = lambda: build_index(self.json_path, image_root, tok, num_query_tokens, max_len, max_frames, template, skip_bad)

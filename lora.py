@@ -11,7 +11,7 @@ A is drawn from a generator seeded by (seed, its name): any slicing of the model
 
 A LoRA run saves only what it trains (`trainable`: the adapters plus whatever the freeze preset
 leaves trainable, e.g. llm_proj) in `adapters.safetensors`, with a fingerprint of the base weights
-(`fingerprint`) that a merge or a resume checks against the base it rebuilds; `merge` folds the
+(`fingerprint`) that a merge or a resume checks against the base it rebuilds (`check_base`); `merge` folds the
 adapters into W for export and chat. This file needs torch and ckpt only.
 """
 import hashlib
@@ -103,6 +103,16 @@ def fingerprint(state):
         h.update(f"{k}{tuple(state[k].shape)}".encode())
         h.update(t[::max(1, t.numel() // 256)].to("cpu", torch.float64).numpy().tobytes())
     return h.hexdigest()
+
+
+def check_base(d, saved, base=None):
+    """Refuse a checkpoint (its config.json: `saved`) that is not a LoRA run's, or whose adapters
+    were trained on another base than the one of fingerprint `base`."""
+    if "lora" not in saved:
+        raise ckpt.CheckpointError(f"{d}: not a LoRA checkpoint (its config.json has no 'lora' section)")
+    if base is not None and saved["lora"]["base"] != base:
+        raise ckpt.CheckpointError(f"{d}: the base weights built from the run's config are not the ones its LoRA adapters "
+                                   f"were trained on (fingerprint {base[:12]} vs {saved['lora']['base'][:12]} saved)")
 
 
 @torch.no_grad()

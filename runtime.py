@@ -5,9 +5,14 @@ Devices and process groups: one set-up for single-process, data-parallel and pip
 else an Ascend NPU if `torch_npu` is installed, else the CPU; under torchrun (WORLD_SIZE > 1) the
 default process group starts with the backend that matches the device (nccl, hccl, gloo), with a
 timeout on every collective so that a crashed rank is reported instead of hanging the others.
-How the world is cut into pipeline and data-parallel groups is pipeline.py's business.
+Plain `python train.py --cpu_processes=N` on a CPU calls `launch()`, which starts the script again as N
+such processes with the environment torchrun would give them. How the world is cut into pipeline
+and data-parallel groups is pipeline.py's business.
 """
 import os
+import signal
+import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -39,3 +44,25 @@ def setup(timeout=60.0):
     if distributed:
         dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=timeout))
     return device, distributed
+
+
+def launch(script, argv, nproc):
+    """Plain `python train.py` on a CPU with several cores: run `script` again as nproc
+    data-parallel gloo processes (what `torchrun --standalone --nproc_per_node=nproc` would start)
+    and wait for them. Ctrl-C goes to the workers (the terminal signals its whole process group):
+    they stop after the same step and save; a worker that fails takes the others down with it."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc))
+    procs = [subprocess.Popen([sys.executable, script, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(nproc)]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while None in (codes := [p.poll() for p in procs]) and not any(codes):
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    return next((abs(p.wait()) for p in procs if p.wait()), 0)

@@ -24,11 +24,11 @@ Checkpoints (ckpt.py): every save is a new out_dir/step-NNNNNN directory that ou
 to once it is complete, so a crash at any instant leaves the previous step whole; --resume refuses
 a step directory whose files belong to different steps.
 
-At about 870 lines this is nearly three times nanoGPT's train.py because it is the one script for every
+At about 770 lines this is over twice nanoGPT's train.py because it is the one script for every
 run: the toy's from-scratch init and curriculum, the public presets, DDP (plain `python` starts it
-itself with --cpu_processes), pipeline stages, LoRA, --plan, held-out exact-match evaluation,
-background batch building, and saves that survive a crash.
-Read it top to bottom: config, model and data, evaluation, checkpoints, the step, train().
+itself with --cpu_processes, runtime.launch), pipeline stages, LoRA, --plan, background batch
+building, and saves that survive a crash. The held-out exact-match evaluation is evaluate.py's.
+Read it top to bottom: config, model and data, checkpoints, the step, train().
 """
 import json
 import math
@@ -47,7 +47,8 @@ import lora
 import plan
 import runtime
 from data import IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, VLDataset, collate
-from model import IGNORE, MMConfig, MultimodalLM, frozen_parts, supervised_count
+from evaluate import accuracy_table, evaluate, plot_losses
+from model import MMConfig, MultimodalLM, frozen_parts, supervised_count
 from pipeline import PipelineRunner, make_groups
 from qformer import QFormerConfig
 from qwen import QwenConfig
@@ -300,26 +301,16 @@ def load_lora(d):
     built it (from its train config: init, init_* paths or the toy's seed) and checked against the
     saved fingerprint, then the adapters and the other trained tensors loaded."""
     saved = ckpt.load_config(d)
-    check_base(d, saved)
+    lora.check_base(d, saved)
     known = {f.name for f in fields(Config)}
     cfg = Config(**{k: v for k, v in saved["train"].items() if k in known})
     cfg.tokenizer = cfg.tokenizer or ckpt.resolve(d)  # a toy's vocabulary is saved beside the adapters
     torch.manual_seed(cfg.seed)  # a from-scratch base is its seed's
     model, tok, _ = build(cfg, [])
-    check_base(d, saved, lora.fingerprint(ckpt.state_of(model)))
+    lora.check_base(d, saved, lora.fingerprint(ckpt.state_of(model)))
     lora.add_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.seed, saved["lora"]["base"])
     lora.load_trainable(model, ckpt.read_file(os.path.join(ckpt.resolve(d), lora.ADAPTERS)))
     return model, tok
-
-
-def check_base(d, saved, base=None):
-    """Refuse a checkpoint (its config.json: `saved`) that is not a LoRA run's, or whose adapters
-    were trained on another base than the one of fingerprint `base`."""
-    if "lora" not in saved:
-        raise ckpt.CheckpointError(f"{d}: not a LoRA checkpoint (its config.json has no 'lora' section)")
-    if base is not None and saved["lora"]["base"] != base:
-        raise ckpt.CheckpointError(f"{d}: the base weights built from the run's config are not the ones its LoRA adapters "
-                                   f"were trained on (fingerprint {base[:12]} vs {saved['lora']['base'][:12]} saved)")
 
 
 def check_parts(cfg, tok):
@@ -440,79 +431,6 @@ def lr_at(cfg, step):
     t = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def answer_split(item, end_len):
-    """(prompt ids, gold answer ids) of an item: the last assistant answer is the final run of
-    supervised labels, i.e. the answer and its template's `end_len` closing tokens; the prompt
-    is everything before it."""
-    sup = (item["labels"] != IGNORE).tolist()
-    end = len(sup) - sup[::-1].index(True)
-    start = end
-    while start > 0 and sup[start - 1]:
-        start -= 1
-    return item["input_ids"][:start], item["input_ids"][start:end - end_len].tolist()
-
-
-@torch.no_grad()
-def evaluate(model, ds, tok, cfg, ctx, batch_size=100):
-    """Held-out loss and greedy exact-match accuracy of the final answer, per task; answers are
-    cut and generation stopped by the model's chat template (data.TEMPLATES)."""
-    model.eval()
-    template = TEMPLATES[LLM_TEMPLATES[model.config.llm_type]]
-    end_len = len(tok.encode(template["end"], allowed_special="all"))
-    stop = [tok.token_id(t) for t in template["stops"]]
-    pad = tok.token_id(template["pad"])
-    hits, loss, count = {}, 0.0, 0
-    for lo in range(0, min(len(ds), cfg.eval_samples), batch_size):
-        items = [ds[i] for i in range(lo, min(lo + batch_size, len(ds), cfg.eval_samples))]
-        batch = collate(items, pad)
-        with ctx:
-            loss += model(batch, count=1)[1].item()  # count=1: the summed loss
-        count += supervised_count(batch, cfg.loss_norm)
-        prompts, golds = zip(*(answer_split(item, end_len) for item in items))
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(items), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(prompts):  # left padding for batched generation
-            ids[j, T - len(p):], mask[j, T - len(p):] = p, 1
-        with ctx:
-            out = model.generate(ids, batch["images"], mask, max_new_tokens=max(map(len, golds)) + 1, stop_ids=stop)
-        for item, o, g in zip(items, out, golds):
-            hits.setdefault(item.get("task", "all"), []).append(o == g)
-    model.train()
-    return loss / max(count, 1), {t: sum(h) / len(h) for t, h in sorted(hits.items())}
-
-
-def accuracy_table(acc, chance):
-    lines = [f"{'task':10s} {'exact match':>11s} {'chance':>7s}"]
-    for task, a in acc.items():
-        c = chance.get(task) if chance else None
-        lines.append(f"{task:10s} {a:11.1%} {'' if c is None else format(c, '7.1%')}")
-    return "\n".join(lines)
-
-
-def plot_losses(path, train, val):
-    """Loss curve PNG with Pillow, log scale: train loss (blue) and held-out loss (red dots)."""
-    from PIL import Image, ImageDraw
-    W, H, m = 640, 400, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    pts = [(s, l) for s, l in train + val if l > 0]
-    if pts:
-        x1 = max(s for s, _ in pts) or 1
-        lo, hi = min(math.log10(l) for _, l in pts), max(math.log10(l) for _, l in pts)
-        xy = lambda s, l: (m + s / x1 * (W - 2 * m), H - m - (math.log10(l) - lo) / (hi - lo or 1) * (H - 2 * m))
-        d.line([xy(s, l) for s, l in train if l > 0], fill=(30, 80, 200), width=1)
-        for x, y in (xy(s, l) for s, l in val if l > 0):
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(200, 40, 40))
-        d.text((m, 8), f"loss, log scale {10 ** lo:.3g}..{10 ** hi:.3g}, steps 0..{x1}; blue train, red held-out", fill="black")
-    d.line([(m, m), (m, H - m), (W - m, H - m)], fill="black")
-    img.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -570,7 +488,7 @@ def resume(cfg, model, opt, runner=None):
     state, saved = torch.load(path, weights_only=True), ckpt.load_config(d)
     steps = {path: state["step"], os.path.join(d, "config.json"): saved["train"]["step"]}
     if cfg.lora_r:
-        check_base(d, saved, model.lora["base"])
+        lora.check_base(d, saved, model.lora["base"])
     if runner is None and cfg.lora_r:
         lora.load_trainable(model, ckpt.read_file(os.path.join(d, lora.ADAPTERS)))
     elif runner is None:
@@ -814,28 +732,6 @@ def print_plan(cfg, nproc, device_memory):
     print(plan.format_training(stages, device_memory))
 
 
-def launch(argv, nproc):
-    """Plain `python train.py` on a CPU with several cores: run this script again as nproc
-    data-parallel gloo processes (what `torchrun --standalone --nproc_per_node=nproc` would start)
-    and wait for them. Ctrl-C goes to the workers (the terminal signals its whole process group):
-    they stop after the same step and save; a worker that fails takes the others down with it."""
-    import socket
-    import subprocess
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(nproc)]
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while None in (codes := [p.poll() for p in procs]) and not any(codes):
-        time.sleep(0.1)
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    return next((abs(p.wait()) for p in procs if p.wait()), 0)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     planning = "--plan" in argv  # --plan [--nproc=N] [--device_memory=24GB]: print the memory plan, no training
@@ -859,7 +755,7 @@ def main(argv=None):
     nproc = cfg.cpu_processes
     if nproc > 1 and "WORLD_SIZE" not in os.environ and runtime.pick_device().type == "cpu":
         datasets(cfg)  # the synthetic data is made once, here, before the workers look for it
-        return launch(argv, nproc)
+        return runtime.launch(os.path.abspath(__file__), argv, nproc)
     try:
         train(cfg)
     except (FloatingPointError, ckpt.CheckpointError) as e:  # bad checkpoints: refused before out_dir is touched

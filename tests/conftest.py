@@ -57,6 +57,13 @@ def save_hf(model, d, fmt):
         save_bin_shards(model, d)
 
 
+# The checkpoint layouts each decoder's parity test converts (test_qwen, test_llama): GQA and MHA,
+# tied and untied embeddings, sharded safetensors and .bin shards
+LAYOUTS = pytest.mark.parametrize("n_kv,tied,fmt", [(2, True, "safetensors"), (4, False, "safetensors"),
+                                                   (2, False, "bin"), (4, True, "bin")],
+                                  ids=["gqa-tied-st", "mha-untied-st", "gqa-untied-bin", "mha-tied-bin"])
+
+
 def hf_qwen2(n_kv, tied, seed=0):
     import transformers
     cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

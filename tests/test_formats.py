@@ -22,35 +22,37 @@ from tokenizer import Tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = Tokenizer.toy(["what", "is", "this"])
 
+
+def turns(*values, roles=("human", "gpt")):
+    """A row's `conversations` as the published files write them: the values alternate between the
+    two roles, the first one first (LLaVA's human/gpt, Qwen-VL's user/assistant)."""
+    return [{"from": roles[i % 2], "value": v} for i, v in enumerate(values)]
+
+
+QWENVL = ("user", "assistant")
 # LLaVA-Pretrain blip_laion_cc_sbu_558k.json
-PRETRAIN = {"id": "004539375", "image": "00453/004539375.jpg", "conversations": [
-    {"from": "human", "value": "Give a brief description of the image.\n<image>"},
-    {"from": "gpt", "value": "the divine queen in her elaborate masks canvas print"}]}
+PRETRAIN = {"id": "004539375", "image": "00453/004539375.jpg", "conversations": turns(
+    "Give a brief description of the image.\n<image>", "the divine queen in her elaborate masks canvas print")}
 # LLaVA-Instruct llava_instruct_150k.json (images at the top of COCO train2017)
-INSTRUCT = {"id": "000000033471", "image": "000000033471.jpg", "conversations": [
-    {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
-    {"from": "gpt", "value": "The bus in the image is white and red."},
-    {"from": "human", "value": "What feature can be seen on the back of the bus?"},
-    {"from": "gpt", "value": "The back of the bus features an advertisement."}]}
+INSTRUCT = {"id": "000000033471", "image": "000000033471.jpg", "conversations": turns(
+    "<image>\nWhat are the colors of the bus in the image?", "The bus in the image is white and red.",
+    "What feature can be seen on the back of the bus?", "The back of the bus features an advertisement.")}
 # llava_v1_5_mix665k.json: a COCO row, a VG row with a box as text, a ShareGPT text-only row ("model"
 # field, no image) opening with a gpt turn and ending with an unanswered human turn
 MIX_COCO = {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
             "conversations": INSTRUCT["conversations"]}
-MIX_VG = {"id": "1591", "image": "vg/VG_100K/1591.jpg", "conversations": [
-    {"from": "human", "value": "<image>\nPlease provide the bounding box coordinate of the region this "
-                               "sentence describes: a white cloud."},
-    {"from": "gpt", "value": "[0.52, 0.05, 0.73, 0.18]"}]}
-MIX_TEXT = {"id": "i6IyJda_0", "model": "", "conversations": [
-    {"from": "gpt", "value": "Hello! How can I help?"},
-    {"from": "human", "value": "How to tell if a customer segment is well segmented? In 3 bullet points."},
-    {"from": "gpt", "value": "1. Homogeneity\n2. Distinctiveness\n3. Stability"},
-    {"from": "human", "value": "Thank you"}]}
+MIX_VG = {"id": "1591", "image": "vg/VG_100K/1591.jpg", "conversations": turns(
+    "<image>\nPlease provide the bounding box coordinate of the region this sentence describes: a white cloud.",
+    "[0.52, 0.05, 0.73, 0.18]")}
+MIX_TEXT = {"id": "i6IyJda_0", "model": "", "conversations": turns(
+    "Hello! How can I help?", "How to tell if a customer segment is well segmented? In 3 bullet points.",
+    "1. Homogeneity\n2. Distinctiveness\n3. Stability", "Thank you", roles=("gpt", "human"))}
 # Video-ChatGPT VideoInstruct100K.json, and its training format (the video named by a CLIP-feature .pkl)
 VCG_RAW = {"video_id": "v_k_ZXmr8pmrs", "q": "What are the main activities that take place in the video?",
            "a": "The main activities are the preparation of camera equipment by a man."}
-VCG_TRAIN = {"id": "v_k_ZXmr8pmrs", "video": "v_k_ZXmr8pmrs.pkl", "conversations": [
-    {"from": "human", "value": "What are the main activities that take place in the video?\n<video>"},
-    {"from": "gpt", "value": "The main activities are the preparation of camera equipment by a man."}]}
+VCG_TRAIN = {"id": "v_k_ZXmr8pmrs", "video": "v_k_ZXmr8pmrs.pkl", "conversations": turns(
+    "What are the main activities that take place in the video?\n<video>",
+    "The main activities are the preparation of camera equipment by a man.")}
 # MiniGPT4Qwen / MPP-Qwen-Next: single turn, multi-turn, video (videochatgpt_instruction_100k.json)
 MPP_ONE = {"image": "000000215677.jpg", "instruction": "<Img><ImageHere></Img> What is in the picture?",
            "output": "A cat on a sofa."}
@@ -59,21 +61,18 @@ MPP_MULTI = {"image": "000000479443.jpg", "instruction": ["<Img><ImageHere></Img
 MPP_VIDEO = {"video": "v_k_ZXmr8pmrs.mkv", "instruction": "<Img><ImageHere></Img> Describe the video.",
              "output": "A man prepares a camera."}
 # Qwen-VL finetune format (README), and MindFormers' conversion of LLaVA to it
-QWENVL_TEXT = {"id": "identity_0", "conversations": [{"from": "user", "value": "你好"},
-                                                     {"from": "assistant", "value": "我是Qwen-VL,一个支持视觉输入的大模型。"}]}
-QWENVL_BOX = {"id": "identity_1", "conversations": [
-    {"from": "user", "value": "Picture 1: <img>assets/demo.jpeg</img>\n图中的狗是什么品种？"},
-    {"from": "assistant", "value": "图中是一只拉布拉多犬。"},
-    {"from": "user", "value": "框出图中的格子衬衫"},
-    {"from": "assistant", "value": "<ref>格子衬衫</ref><box>(588,499),(725,789)</box>"}]}
-QWENVL_TWO = {"id": "identity_2", "conversations": [
-    {"from": "user", "value": "Picture 1: <img>assets/mm_tutorial/Chongqing.jpeg</img>\n"
-                              "Picture 2: <img>assets/mm_tutorial/Beijing.jpeg</img>\n图中都是哪"},
-    {"from": "assistant", "value": "第一张图片是重庆的城市天际线，第二张图片是北京的天际线。"}]}
-MINDFORMERS = {"id": "000000033471", "conversations": [
-    {"from": "user", "value": "Picture 1: <img>train2014/COCO_train2014_000000033471.jpg</img>\n"
-                              "What are the colors of the bus in the image?"},
-    {"from": "assistant", "value": "The bus in the image is white and red."}]}
+QWENVL_TEXT = {"id": "identity_0", "conversations": turns("你好", "我是Qwen-VL,一个支持视觉输入的大模型。", roles=QWENVL)}
+QWENVL_BOX = {"id": "identity_1", "conversations": turns(
+    "Picture 1: <img>assets/demo.jpeg</img>\n图中的狗是什么品种？", "图中是一只拉布拉多犬。",
+    "框出图中的格子衬衫", "<ref>格子衬衫</ref><box>(588,499),(725,789)</box>", roles=QWENVL)}
+QWENVL_TWO = {"id": "identity_2", "conversations": turns(
+    "Picture 1: <img>assets/mm_tutorial/Chongqing.jpeg</img>\n"
+    "Picture 2: <img>assets/mm_tutorial/Beijing.jpeg</img>\n图中都是哪",
+    "第一张图片是重庆的城市天际线，第二张图片是北京的天际线。", roles=QWENVL)}
+MINDFORMERS = {"id": "000000033471", "conversations": turns(
+    "Picture 1: <img>train2014/COCO_train2014_000000033471.jpg</img>\n"
+    "What are the colors of the bus in the image?",
+    "The bus in the image is white and red.", roles=QWENVL)}
 
 IMAGES = ["00453/004539375.jpg", "000000033471.jpg", "coco/train2017/000000033471.jpg", "vg/VG_100K/1591.jpg",
           "000000215677.jpg", "000000479443.jpg", "assets/demo.jpeg", "assets/mm_tutorial/Chongqing.jpeg",

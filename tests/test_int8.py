@@ -18,6 +18,7 @@ import quant
 from data import TEMPLATES, collate
 import train
 from conftest import TRAIN_ARGS, randomize
+from evaluate import evaluate
 from model import MultimodalLM
 from phi import Phi, PhiConfig
 from qwen import Qwen, QwenConfig
@@ -116,7 +117,7 @@ def toy_cfg(ckpt):
 
 
 def test_trained_toy_int8(trained):
-    """Logits on held-out prompts close to fp32, and held-out accuracy (train.evaluate, all 160 rows,
+    """Logits on held-out prompts close to fp32, and held-out accuracy (evaluate.evaluate, all 160 rows,
     every task) at most 1 point lower. Measured on all 160 rows: max |diff| 0.09 std, mean 0.007 std,
     99.6% of argmaxes equal, accuracy and every task's accuracy unchanged."""
     ckpt, _ = trained
@@ -128,7 +129,7 @@ def test_trained_toy_int8(trained):
         batch = collate([val[i] for i in range(32)], tok.token_id(TEMPLATES["chatml"]["pad"]))
         with torch.no_grad():
             logits, _ = model(batch)
-        _, acc = train.evaluate(model, val, tok, cfg, nullcontext())
+        _, acc = evaluate(model, val, tok, cfg, nullcontext())
         tasks = [val[i].get("task", "all") for i in range(len(val))]
         overall = sum(acc[t] * tasks.count(t) for t in acc) / len(tasks)
         results[dtype] = logits[batch["attention_mask"].bool()], overall, acc

@@ -14,7 +14,7 @@ spm = pytest.importorskip("sentencepiece")
 
 import ckpt  # noqa: E402
 import train  # noqa: E402
-from conftest import V, blip2_batch, check_parity, randomize, save_hf  # noqa: E402
+from conftest import LAYOUTS, V, blip2_batch, check_parity, randomize, save_hf  # noqa: E402
 from convert import (convert_blip2_hf, convert_llama, convert_minigpt4, llm_from_hf,  # noqa: E402
                      tokenizer_from_hf)
 from data import IGNORE, IMAGE_TOKEN, TEMPLATES, encode_conversation  # noqa: E402
@@ -186,9 +186,7 @@ def hf_llama(n_kv, tied, seed=0, vocab=V, layers=2):
     return randomize(transformers.LlamaForCausalLM(cfg), seed)
 
 
-@pytest.mark.parametrize("n_kv,tied,fmt", [(4, False, "safetensors"), (2, True, "safetensors"),
-                                           (2, False, "bin"), (4, True, "bin")],
-                         ids=["mha-untied-st", "gqa-tied-st", "gqa-untied-bin", "mha-tied-bin"])
+@LAYOUTS
 def test_llama_parity(tmp_path, n_kv, tied, fmt):
     ref = hf_llama(n_kv, tied)
     save_hf(ref, tmp_path / "hf", fmt)

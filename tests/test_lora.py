@@ -14,6 +14,7 @@ import ckpt
 import lora
 import train
 from conftest import interrupt_after
+from evaluate import evaluate
 from model import MMConfig, MultimodalLM
 from phi import PhiConfig
 from qformer import QFormerConfig
@@ -142,7 +143,7 @@ def test_lora_teaches_the_frozen_toy_a_new_task(trained, tmp_path):
     base = MultimodalLM.from_checkpoint(trained[0])
     tok = Tokenizer.load(trained[0])
     _, val, chance = train.datasets(cfg, tok, base.config)
-    _, before = train.evaluate(base, val, tok, cfg, train.nullcontext())
+    _, before = evaluate(base, val, tok, cfg, train.nullcontext())
     assert before["colour"] <= 0.1
     _, acc = train.train(cfg)
     assert acc["colour"] >= chance["colour"] + 0.3, (acc, chance)

@@ -12,14 +12,12 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import V, check_parity, hf_qwen2, prompts, randomize, save_hf  # noqa: E402
+from conftest import LAYOUTS, V, check_parity, hf_qwen2, prompts, randomize, save_hf  # noqa: E402
 from convert import llm_from_hf  # noqa: E402
 from model import load_llm, save_llm  # noqa: E402
 from qwen import IGNORE, QWEN_PRESETS, Qwen, QwenConfig, Rotary, ntk_alpha  # noqa: E402
 
-@pytest.mark.parametrize("n_kv,tied,fmt", [(2, True, "safetensors"), (4, False, "safetensors"),
-                                           (2, False, "bin"), (4, True, "bin")],
-                         ids=["gqa-tied-st", "mha-untied-st", "gqa-untied-bin", "mha-tied-bin"])
+@LAYOUTS
 def test_qwen2_parity(tmp_path, n_kv, tied, fmt):
     ref = hf_qwen2(n_kv, tied)
     save_hf(ref, tmp_path / "hf", fmt)

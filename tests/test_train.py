@@ -1,6 +1,6 @@
 """train.py: config parsing, a short run learns, exact resume after Ctrl-C, plain python as 2
 processes that stop together on Ctrl-C, NaN stop, a crash at every step of a save then resume,
-held-out evaluation by the model's chat template, and DDP / accumulation gradients equal to one
+held-out evaluation (evaluate.py) by the model's chat template, and DDP / accumulation gradients equal to one
 process on the whole batch (2 gloo processes)."""
 import json
 import os
@@ -17,6 +17,7 @@ import ckpt
 import train
 from conftest import interrupt_after
 from data import IMAGE_TOKEN, TEMPLATES, collate
+from evaluate import evaluate
 from model import MMConfig, MultimodalLM
 from phi import PhiConfig
 
@@ -283,7 +284,7 @@ def test_evaluate_cuts_answers_by_the_models_template(tmp_path, llm_type, monkey
         return answers[lo:lo + len(ids)]
     oracle.seen = 0
     monkeypatch.setattr(model, "generate", oracle)
-    _, acc = train.evaluate(model, val, tok, cfg, train.nullcontext())
+    _, acc = evaluate(model, val, tok, cfg, train.nullcontext())
     assert set(acc.values()) == {1.0} and oracle.seen == 16
 
 
