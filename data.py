@@ -387,7 +387,10 @@ class VLDataset(torch.utils.data.Dataset):
         self.image_root, self.load_media, self.frames_must_match = image_root, True, False
         key = json.dumps(dict(version=INDEX_VERSION, data=file_digest(self.json_path),
                               tokenizer=digest(x for kv in sorted(tok.files().items()) for x in kv),
-                              image_root=os.path.abspath(image_root or "."), num_query=num_query_tokens,
+                              # the media paths stored are the rows' paths joined to image_root as given: a
+                              # relative root's paths hold only from the directory they were built in
+                              image_root=[image_root or "", "" if os.path.isabs(image_root or "") else os.getcwd()],
+                              num_query=num_query_tokens,
                               max_len=max_len, max_frames=max_frames, template=template, skip_bad=skip_bad))
         build = lambda: build_index(self.json_path, image_root, tok, num_query_tokens, max_len, max_frames, template, skip_bad)
         self.index, self.index_path, self.index_built = load_index(self.json_path, build, key, cache)

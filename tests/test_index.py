@@ -80,7 +80,19 @@ def test_a_changed_file_tokenizer_or_template_builds_anew(root):
     assert changed.index_built and changed.sample(0)["turns"][0][1].endswith("colouR")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_a_relative_root_built_elsewhere_is_not_reused(root, tmp_path, monkeypatch):
+    """The index keeps the media paths as the rows resolved them: one built from a relative image
+    root is not used by a run elsewhere given the same root as an absolute path."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(root.parent)
+    relative = data.VLDataset(str(root / "rows.json"), root.name, TOK, 2, 8, 200, max_frames=4, skip_bad=True)
+    want = items(relative)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    absolute, _ = make(root)
+    assert relative.index_built and absolute.index_built
+    assert items(absolute) == want
+
+
 def test_a_damaged_cache_file_is_rebuilt_never_used(root, damage):
     good, _ = make(root)
     path, blob = good.index_path, open(good.index_path, "rb").read()
