@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DEPTH = "llm:2,vit:4"
 MAX_LEN = 96      # the rehearsal's --max_len: 32 image tokens + the template + a short answer
 TIMEOUT = 1800    # seconds for any one command
+PP_TIMEOUT = 900  # train.py --timeout of the pipeline runs: a true-width bf16 CPU stage takes minutes per microbatch
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ----------------------------------------------------------------------------- the public configs
@@ -480,7 +481,7 @@ def train_cmd(preset, stages, extra=(), dtype="fp32"):
     if stages == 1:
         return [sys.executable, os.path.join(ROOT, "train.py"), *base]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={stages}", f"--master_port={free_port()}",
-            os.path.join(ROOT, "train.py"), *base]
+            os.path.join(ROOT, "train.py"), *base, f"--timeout={PP_TIMEOUT}"]
 
 # ----------------------------------------------------------------------------- checks
 
@@ -656,13 +657,9 @@ def rehearse(preset, work, depth=DEFAULT_DEPTH, seed=0, pipeline=True, log=print
     rep[f"1 process, {steps} step(s)"] = dict(seconds=s1 + s2, peak_gb=max(m1, m2), losses=losses(out),
                                               freeze=freeze, trained_tensors=len(trained), reduction=reduction)
     n = sum(t.numel() for t in a.values())
-    # both stages and their save copies of the stage shards: in fp32 if that fits, else the preset's bf16,
-    # which only a GPU runs fast enough for the pipeline's 60 s exchange timeout (a CPU stage took longer)
+    # both stages and their save copies of the stage shards: in fp32 if that fits, else the preset's bf16
+    # (slow on a CPU without native bf16: train_cmd gives the pipeline --timeout=PP_TIMEOUT)
     pp_dtype = "fp32" if n * 4 * 2 / 2 ** 30 <= 11 else "bf16"
-    if pipeline and pp_dtype == "bf16" and not torch.cuda.is_available():
-        log(f"{preset} rehearsal: no 2-stage run: {n * 8 / 2 ** 30:.1f} GB in fp32 with the save copies, and bf16 "
-            f"on this CPU outlasts the pipeline's 60 s exchange timeout")
-        pipeline = False
     if pipeline:  # 2 pipeline stages, 1 step from the same start: the merged model equals step 1 above
         pp_out = out + "-pp2"
         pp_extra = [*extra, *(["--frozen_dtype=bf16"] if pp_dtype == "bf16" and "frozen_dtype" in train.Config.__dataclass_fields__ else [])]
