@@ -19,8 +19,8 @@ finite, exactly the trained parts change and every frozen tensor is bit-identica
 single process agree, the merge of the stage shards equals train.py's, and the chat answers in the
 LLM's template and ends at its stop token.
 
-Public dtypes written: eva_vit_g.pth fp16 (about 2 bytes per parameter: the published file is
-~1.9 GB for 1.0B parameters; LAVIS loads it into fp32 and casts to fp16 itself), the BLIP-2 .pth
+Public dtypes written: eva_vit_g.pth fp16 (docs/reference.md: its 1,011,143,296 values are 1.88 GiB
+in fp16, 3.77 GiB in fp32, and torch.hub's download of it shows 1.89G), the BLIP-2 .pth
 fp32 (trainable weights saved from AMP training, under "model"), Qwen-7B/14B-Chat and Qwen2.5 bf16,
 phi-2 fp16, MiniGPT4Qwen's llm_proj fp32 and its fine-tuned LLM bf16 (the 15 GB release). Random
 values are a 1M-value random block (prime length, so rows do not repeat in step) tiled: fast, and
@@ -355,7 +355,7 @@ def write_phi2(d, depth, seed):
 
 
 def write_eva_vit_g(path, depth, seed):
-    """eva_vit_g.pth: a flat state dict of 40 blocks (BLIP-2 uses 39), fp16."""
+    """eva_vit_g.pth: a flat state dict of 40 blocks (BLIP-2 uses 39), fp16 as published (docs/reference.md)."""
     fill = Filler(seed)
     torch.save({k: fill(k, s, torch.float16) for k, s in eva_layout(depth.get("vit", 39) + 1)}, path)
 
