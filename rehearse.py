@@ -472,7 +472,8 @@ def free_port():
 def train_cmd(preset, stages, extra=(), dtype="fp32"):
     """train.py for `preset` with the rehearsal's overrides, each named: 2 microbatches of 1 sample,
     --max_len=MAX_LEN, in-process batches, warm-up 1 step so that few steps move the weights, and
-    dtype: fp32 on a CPU without native bf16 (bf16 autocast ran 7x slower than fp32 here)."""
+    dtype: fp32 on a CPU without native bf16 (a bf16 matmul ran ~35x slower than fp32 here);
+    under torchrun --timeout=PP_TIMEOUT."""
     import train
     base = [f"--preset={preset}", "--batch_size=1", "--grad_accum=2", f"--max_len={MAX_LEN}", "--num_workers=0",
             "--warmup_iters=1", f"--num_stages={stages}", "--threads=1", f"--dtype={dtype}", *extra]
@@ -590,9 +591,10 @@ def prepare(work, cfg, depth, seed, log):
 def reduce_stage(cfg, work, budget_gb=11.0):
     """(extra train.py args, dtype, message or None) for a stage that would not fit budget_gb in
     fp32: one that trains the LLM (stage 2) holds weights, gradients and two AdamW moments of it. It
-    then freezes the embeddings and lm_head (Qwen-7B's are 1.24B of its parameters at any depth) and
-    keeps the frozen parts in bf16, the preset's own dtypes; the 2-stage pipeline run is skipped
-    (its stages' save copies would add their weights again)."""
+    then freezes the embeddings and lm_head (Qwen-7B's are 1.24B of its parameters at any depth),
+    in fp32 if that fits, else with the frozen parts in bf16, the preset's own dtypes (bf16 autocast
+    is ~35x slower than fp32 on a CPU without native bf16: a Qwen-7B sft step took over 20 min);
+    the 2-stage pipeline run is skipped (its stages' save copies would add their weights again)."""
     import ckpt
     import train
     from model import frozen_parts
@@ -605,10 +607,15 @@ def reduce_stage(cfg, work, budget_gb=11.0):
     need = (emb + llm["n_layer"] * block) * 4 * 4 / 2 ** 30  # fp32 weights, gradients, AdamW m and v
     if need <= budget_gb:
         return [], "fp32", None
-    parts = ",".join([*freeze, "llm.embed_tokens", "llm.lm_head"])
-    extra = [f"--freeze={parts}"] + (["--frozen_dtype=bf16"] if "frozen_dtype" in train.Config.__dataclass_fields__ else [])
-    return extra, "bf16", (f"{cfg.preset} rehearsal: embeddings and lm_head frozen, frozen parts in bf16, to fit "
-                           f"{budget_gb:.0f} GB (training the whole LLM would need {need:.1f} GB); no pipeline run")
+    extra = [f"--freeze={','.join([*freeze, 'llm.embed_tokens', 'llm.lm_head'])}"]
+    frozen_fp32 = (emb * 4 + llm["n_layer"] * block * 4 * 4) / 2 ** 30  # the frozen embeddings without state
+    if frozen_fp32 <= budget_gb:
+        how, dtype = "in fp32", "fp32"
+    else:
+        how, dtype = "frozen parts in bf16", "bf16"
+        extra += ["--frozen_dtype=bf16"] if "frozen_dtype" in train.Config.__dataclass_fields__ else []
+    return extra, dtype, (f"{cfg.preset} rehearsal: embeddings and lm_head frozen, {how}, to fit {budget_gb:.0f} GB "
+                          f"(training the whole LLM would need {need:.1f} GB); no pipeline run")
 
 
 def snapshot(out_dir, dst):

@@ -112,6 +112,23 @@ def test_partial_eva_vit_g(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.load(open(tmp_path / "out" / "config.json"))["vit"]["depth"] == 2
 
+def test_a_stage_2_too_big_for_the_budget_is_reduced_by_name(tmp_path):
+    """mpp-qwen7b-sft at the default depth (2 Qwen-7B blocks): training the whole LLM needs 24.6 GB;
+    with embeddings and lm_head frozen it fits 11 GB in fp32 (fast on a CPU), a smaller budget gets
+    the frozen parts in bf16; a stage that freezes the LLM is never reduced."""
+    cfg = train.parse_args(["--preset=mpp-qwen7b-sft"])
+    os.makedirs(tmp_path / cfg.init)
+    llm = dict(vocab_size=151936, n_embd=4096, intermediate_size=11008, n_layer=2, tie_embeddings=False)
+    json.dump({"model": {"llm": llm}}, open(tmp_path / cfg.init / "config.json", "w"))
+    freeze = "--freeze=vit,qformer,llm.embed_tokens,llm.lm_head"
+    assert rehearse.reduce_stage(cfg, tmp_path) == (
+        [freeze], "fp32", "mpp-qwen7b-sft rehearsal: embeddings and lm_head frozen, in fp32, to fit 11 GB "
+                          "(training the whole LLM would need 24.6 GB); no pipeline run")
+    assert rehearse.reduce_stage(cfg, tmp_path, budget_gb=8) == (
+        [freeze, "--frozen_dtype=bf16"], "bf16", "mpp-qwen7b-sft rehearsal: embeddings and lm_head frozen, frozen "
+                                                 "parts in bf16, to fit 8 GB (training the whole LLM would need 24.6 GB); no pipeline run")
+    assert rehearse.reduce_stage(train.parse_args(["--preset=mpp-qwen7b-pretrain"]), tmp_path) == ([], "fp32", None)
+
 # ----------------------------------------------------------------------------- tinygptv-phi2, rehearsed
 
 
