@@ -418,20 +418,40 @@ def write_data(work, cfg, n=8, size=224):
 # ----------------------------------------------------------------------------- running commands
 
 
-def tree_rss(pid):
-    """Resident bytes of a process and all its descendants (torchrun's workers included)."""
-    total, todo = 0, [pid]
+def tree(pid):
+    """A process and all its descendants, parents first (torchrun's workers lead process groups of
+    their own: killing torchrun's group does not reach them)."""
+    out, todo = [], [pid]
     while todo:
-        p = todo.pop()
+        p = todo.pop(0)
+        out.append(p)
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             for t in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{t}/children") as f:
                     todo += [int(c) for c in f.read().split()]
         except (FileNotFoundError, ProcessLookupError):
             pass
+    return out
+
+
+def tree_rss(pid):
+    """Resident bytes of a process and all its descendants (torchrun's workers included)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (FileNotFoundError, ProcessLookupError):
+            pass
     return total
+
+
+def kill_tree(pid):
+    for p in tree(pid):
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass
 
 
 def run(args, cwd, log, timeout=TIMEOUT, env=None):
@@ -450,7 +470,7 @@ def run(args, cwd, log, timeout=TIMEOUT, env=None):
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)  # the whole session: torchrun and its workers
+        kill_tree(p.pid)  # torchrun and its workers
         out, _ = p.communicate()
         raise RuntimeError(f"timed out after {timeout}s: {' '.join(args)}\n{out[-3000:]}") from None
     watcher.join()

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -128,6 +129,21 @@ def test_a_stage_2_too_big_for_the_budget_is_reduced_by_name(tmp_path):
         [freeze, "--frozen_dtype=bf16"], "bf16", "mpp-qwen7b-sft rehearsal: embeddings and lm_head frozen, frozen "
                                                  "parts in bf16, to fit 8 GB (training the whole LLM would need 24.6 GB); no pipeline run")
     assert rehearse.reduce_stage(train.parse_args(["--preset=mpp-qwen7b-pretrain"]), tmp_path) == ([], "fp32", None)
+
+def test_a_command_that_times_out_is_killed_with_its_whole_tree(tmp_path):
+    """rehearse.run's timeout reaches processes that lead their own process group (as torchrun's
+    workers do), not only the command's."""
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+            "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print('worker', p.pid, flush=True); time.sleep(120)")
+    with pytest.raises(RuntimeError, match=r"^timed out after 5s: ") as e:
+        rehearse.run([sys.executable, "-c", code], str(tmp_path), print, timeout=5)
+    worker = int(str(e.value).split("worker ")[1].split()[0])
+    for _ in range(50):  # reaped by init once its parent is gone
+        if not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the command's worker {worker} outlived the timeout")
 
 # ----------------------------------------------------------------------------- tinygptv-phi2, rehearsed
 
