@@ -47,7 +47,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DEPTH = "llm:2,vit:4"
 MAX_LEN = 96      # the rehearsal's --max_len: 32 image tokens + the template + a short answer
 TIMEOUT = 1800    # seconds for any one command
-PP_TIMEOUT = 900  # train.py --timeout of the pipeline runs: a true-width bf16 CPU stage takes minutes per microbatch
+PP_TIMEOUT = 900  # train.py --timeout of the pipeline runs: a true-width bf16 stage takes minutes on a CPU
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ----------------------------------------------------------------------------- the public configs

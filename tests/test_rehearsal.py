@@ -13,12 +13,15 @@ Opt-in, every public preset (Qwen-7B-Chat's 151,936-row vocabulary and 4096 widt
     NANOMPP_REHEARSAL=full NANOMPP_REHEARSAL_DEPTH=full python -m pytest -q tests/test_rehearsal.py  # big machine
 
 Reductions, each named where it is made: depth (rehearse.py --depth), --max_len=96 and 2 microbatches
-of 1 sample (rehearse.train_cmd), --dtype=fp32 (this CPU has no native bf16), and for a stage 2 that
-would not fit 11 GB (mpp-qwen7b-sft: 24.6 GB) embeddings and lm_head frozen, frozen parts in bf16 and
-no pipeline run (rehearse.reduce_stage, printed). Measured here (2 cores, load average 10-20): the
-default part 11 min; mpp-qwen7b-pretrain one process 9.8 GB peak RSS (11.8 GB on --resume, which counts
-the memory-mapped checkpoint's pages); its bf16 2-stage run hit the pipeline's fixed 60 s exchange
-timeout on this CPU (a stage took longer than 60 s per microbatch).
+of 1 sample (rehearse.train_cmd), --dtype=fp32 (this CPU has no native bf16: a bf16 matmul ran ~35x
+slower than fp32), and for a stage 2 that would not fit 11 GB (mpp-qwen7b-sft: 24.6 GB) embeddings
+and lm_head frozen, in fp32 if that fits (10.7 GB), and no pipeline run (rehearse.reduce_stage,
+printed). Measured here (2 cores, load average 5-13, everything under nice 19): the default part
+11 min; mpp-qwen7b-pretrain one process 93 s and 10.2 GB peak RSS (14.1 GB on --resume, which counts
+the memory-mapped checkpoint's pages); its 2-stage run in bf16 outlasted even --timeout=900 (bf16
+on this CPU), in fp32 it agreed with one process exactly (a manual run, ~14.8 GB with the save's
+pages); mpp-qwen7b-sft one step 627 s wall, 39 s of CPU, 10.4 GB, in fp32 (in bf16 it had not
+finished a step in 20 min).
 """
 import importlib.util
 import json
