@@ -19,8 +19,8 @@ finite, exactly the trained parts change and every frozen tensor is bit-identica
 single process agree, the merge of the stage shards equals train.py's, and the chat answers in the
 LLM's template and ends at its stop token.
 
-Public dtypes written: eva_vit_g.pth fp16 (about 2 bytes per parameter: the published file is
-~1.9 GB for 1.0B parameters; LAVIS loads it into fp32 and casts to fp16 itself), the BLIP-2 .pth
+Public dtypes written: eva_vit_g.pth fp16 (docs/reference.md: its 1,011,143,296 values are 1.88 GiB
+in fp16, 3.77 GiB in fp32, and torch.hub's download of it shows 1.89G), the BLIP-2 .pth
 fp32 (trainable weights saved from AMP training, under "model"), Qwen-7B/14B-Chat and Qwen2.5 bf16,
 phi-2 fp16, MiniGPT4Qwen's llm_proj fp32 and its fine-tuned LLM bf16 (the 15 GB release). Random
 values are a 1M-value random block (prime length, so rows do not repeat in step) tiled: fast, and
@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DEPTH = "llm:2,vit:4"
 MAX_LEN = 96      # the rehearsal's --max_len: 32 image tokens + the template + a short answer
 TIMEOUT = 1800    # seconds for any one command
+PP_TIMEOUT = 900  # train.py --timeout of the pipeline runs: a true-width bf16 stage takes minutes on a CPU
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ----------------------------------------------------------------------------- the public configs
@@ -354,7 +355,7 @@ def write_phi2(d, depth, seed):
 
 
 def write_eva_vit_g(path, depth, seed):
-    """eva_vit_g.pth: a flat state dict of 40 blocks (BLIP-2 uses 39), fp16."""
+    """eva_vit_g.pth: a flat state dict of 40 blocks (BLIP-2 uses 39), fp16 as published (docs/reference.md)."""
     fill = Filler(seed)
     torch.save({k: fill(k, s, torch.float16) for k, s in eva_layout(depth.get("vit", 39) + 1)}, path)
 
@@ -417,20 +418,40 @@ def write_data(work, cfg, n=8, size=224):
 # ----------------------------------------------------------------------------- running commands
 
 
-def tree_rss(pid):
-    """Resident bytes of a process and all its descendants (torchrun's workers included)."""
-    total, todo = 0, [pid]
+def tree(pid):
+    """A process and all its descendants, parents first (torchrun's workers lead process groups of
+    their own: killing torchrun's group does not reach them)."""
+    out, todo = [], [pid]
     while todo:
-        p = todo.pop()
+        p = todo.pop(0)
+        out.append(p)
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             for t in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{t}/children") as f:
                     todo += [int(c) for c in f.read().split()]
         except (FileNotFoundError, ProcessLookupError):
             pass
+    return out
+
+
+def tree_rss(pid):
+    """Resident bytes of a process and all its descendants (torchrun's workers included)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (FileNotFoundError, ProcessLookupError):
+            pass
     return total
+
+
+def kill_tree(pid):
+    for p in tree(pid):
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass
 
 
 def run(args, cwd, log, timeout=TIMEOUT, env=None):
@@ -449,7 +470,7 @@ def run(args, cwd, log, timeout=TIMEOUT, env=None):
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)  # the whole session: torchrun and its workers
+        kill_tree(p.pid)  # torchrun and its workers
         out, _ = p.communicate()
         raise RuntimeError(f"timed out after {timeout}s: {' '.join(args)}\n{out[-3000:]}") from None
     watcher.join()
@@ -471,7 +492,8 @@ def free_port():
 def train_cmd(preset, stages, extra=(), dtype="fp32"):
     """train.py for `preset` with the rehearsal's overrides, each named: 2 microbatches of 1 sample,
     --max_len=MAX_LEN, in-process batches, warm-up 1 step so that few steps move the weights, and
-    dtype: fp32 on a CPU without native bf16 (bf16 autocast ran 7x slower than fp32 here)."""
+    dtype: fp32 on a CPU without native bf16 (a bf16 matmul ran ~35x slower than fp32 here);
+    under torchrun --timeout=PP_TIMEOUT."""
     import train
     base = [f"--preset={preset}", "--batch_size=1", "--grad_accum=2", f"--max_len={MAX_LEN}", "--num_workers=0",
             "--warmup_iters=1", f"--num_stages={stages}", "--threads=1", f"--dtype={dtype}", *extra]
@@ -480,7 +502,7 @@ def train_cmd(preset, stages, extra=(), dtype="fp32"):
     if stages == 1:
         return [sys.executable, os.path.join(ROOT, "train.py"), *base]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={stages}", f"--master_port={free_port()}",
-            os.path.join(ROOT, "train.py"), *base]
+            os.path.join(ROOT, "train.py"), *base, f"--timeout={PP_TIMEOUT}"]
 
 # ----------------------------------------------------------------------------- checks
 
@@ -589,9 +611,10 @@ def prepare(work, cfg, depth, seed, log):
 def reduce_stage(cfg, work, budget_gb=11.0):
     """(extra train.py args, dtype, message or None) for a stage that would not fit budget_gb in
     fp32: one that trains the LLM (stage 2) holds weights, gradients and two AdamW moments of it. It
-    then freezes the embeddings and lm_head (Qwen-7B's are 1.24B of its parameters at any depth) and
-    keeps the frozen parts in bf16, the preset's own dtypes; the 2-stage pipeline run is skipped
-    (its stages' save copies would add their weights again)."""
+    then freezes the embeddings and lm_head (Qwen-7B's are 1.24B of its parameters at any depth),
+    in fp32 if that fits, else with the frozen parts in bf16, the preset's own dtypes (bf16 autocast
+    is ~35x slower than fp32 on a CPU without native bf16: a Qwen-7B sft step took over 20 min);
+    the 2-stage pipeline run is skipped (its stages' save copies would add their weights again)."""
     import ckpt
     import train
     from model import frozen_parts
@@ -604,10 +627,15 @@ def reduce_stage(cfg, work, budget_gb=11.0):
     need = (emb + llm["n_layer"] * block) * 4 * 4 / 2 ** 30  # fp32 weights, gradients, AdamW m and v
     if need <= budget_gb:
         return [], "fp32", None
-    parts = ",".join([*freeze, "llm.embed_tokens", "llm.lm_head"])
-    extra = [f"--freeze={parts}"] + (["--frozen_dtype=bf16"] if "frozen_dtype" in train.Config.__dataclass_fields__ else [])
-    return extra, "bf16", (f"{cfg.preset} rehearsal: embeddings and lm_head frozen, frozen parts in bf16, to fit "
-                           f"{budget_gb:.0f} GB (training the whole LLM would need {need:.1f} GB); no pipeline run")
+    extra = [f"--freeze={','.join([*freeze, 'llm.embed_tokens', 'llm.lm_head'])}"]
+    frozen_fp32 = (emb * 4 + llm["n_layer"] * block * 4 * 4) / 2 ** 30  # the frozen embeddings without state
+    if frozen_fp32 <= budget_gb:
+        how, dtype = "in fp32", "fp32"
+    else:
+        how, dtype = "frozen parts in bf16", "bf16"
+        extra += ["--frozen_dtype=bf16"] if "frozen_dtype" in train.Config.__dataclass_fields__ else []
+    return extra, dtype, (f"{cfg.preset} rehearsal: embeddings and lm_head frozen, {how}, to fit {budget_gb:.0f} GB "
+                          f"(training the whole LLM would need {need:.1f} GB); no pipeline run")
 
 
 def snapshot(out_dir, dst):
@@ -656,13 +684,9 @@ def rehearse(preset, work, depth=DEFAULT_DEPTH, seed=0, pipeline=True, log=print
     rep[f"1 process, {steps} step(s)"] = dict(seconds=s1 + s2, peak_gb=max(m1, m2), losses=losses(out),
                                               freeze=freeze, trained_tensors=len(trained), reduction=reduction)
     n = sum(t.numel() for t in a.values())
-    # both stages and their save copies of the stage shards: in fp32 if that fits, else the preset's bf16,
-    # which only a GPU runs fast enough for the pipeline's 60 s exchange timeout (a CPU stage took longer)
+    # both stages and their save copies of the stage shards: in fp32 if that fits, else the preset's bf16
+    # (slow on a CPU without native bf16: train_cmd gives the pipeline --timeout=PP_TIMEOUT)
     pp_dtype = "fp32" if n * 4 * 2 / 2 ** 30 <= 11 else "bf16"
-    if pipeline and pp_dtype == "bf16" and not torch.cuda.is_available():
-        log(f"{preset} rehearsal: no 2-stage run: {n * 8 / 2 ** 30:.1f} GB in fp32 with the save copies, and bf16 "
-            f"on this CPU outlasts the pipeline's 60 s exchange timeout")
-        pipeline = False
     if pipeline:  # 2 pipeline stages, 1 step from the same start: the merged model equals step 1 above
         pp_out = out + "-pp2"
         pp_extra = [*extra, *(["--frozen_dtype=bf16"] if pp_dtype == "bf16" and "frozen_dtype" in train.Config.__dataclass_fields__ else [])]

@@ -106,6 +106,7 @@ class Config:
     grad_checkpointing: bool = False
     num_stages: int = 1          # > 1: pipeline parallel (torchrun, world size a multiple of it)
     schedule: str = "1f1b"
+    timeout: float = 60.0        # seconds any collective may wait before the rank reports its peers as failed
     # bookkeeping
     out_dir: str = ""            # default out/<preset>
     eval_every: int = 0          # 0: evaluate once, at the end
@@ -226,6 +227,8 @@ def parse_args(argv):
     if cfg.frozen_dtype != "fp32" and cfg.dtype != "bf16":
         raise ConfigError(f"--frozen_dtype={cfg.frozen_dtype} needs --dtype=bf16: the bf16 frozen parts and the "
                           f"fp32 trainable ones meet inside one autocast (got --dtype={cfg.dtype})")
+    if cfg.num_stages < 1:
+        raise ConfigError(f"--num_stages={cfg.num_stages}: expected 1 or more")
     cfg.out_dir = cfg.out_dir or os.path.join("out", preset)
     return cfg
 
@@ -554,12 +557,14 @@ class Interrupt:
 def setup(cfg):
     """(device, distributed, pp_group, dp_group) of this process: runtime.setup's device and
     default group, cut into pipeline and data-parallel groups when num_stages > 1."""
-    if cfg.num_stages > 1 and int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        raise ValueError(f"--num_stages={cfg.num_stages} needs torchrun with a multiple of {cfg.num_stages} processes")
-    device, distributed = runtime.setup()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world % cfg.num_stages:
+        raise ConfigError(f"--num_stages={cfg.num_stages} needs torchrun with a multiple of {cfg.num_stages} "
+                          f"processes, this run has {world}")
+    device, distributed = runtime.setup(cfg.timeout)
     pp_group = dp_group = None
     if cfg.num_stages > 1:
-        pp_group, dp_group = make_groups(cfg.num_stages)
+        pp_group, dp_group = make_groups(cfg.num_stages, cfg.timeout)
     elif distributed:
         dp_group = dist.group.WORLD
     return device, distributed, pp_group, dp_group
@@ -618,7 +623,7 @@ def train(cfg):
     n_params, runner = sum(p.numel() for p in model.parameters()), None  # the whole model's, before slicing
     if cfg.num_stages > 1:  # slices the model in place: this rank keeps (and loads) its stage only
         runner = PipelineRunner(model, cfg.num_stages, cfg.schedule, pp_group, dp_group, device=device,
-                                seq_len=cfg.max_len, state=state)
+                                seq_len=cfg.max_len, timeout=cfg.timeout, state=state)
     module = model if runner is None else runner.module
     if cfg.lora_r:  # after slicing: each stage adds the adapters of its own blocks
         lora.add_adapters(module, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.seed, base)
@@ -758,6 +763,9 @@ def main(argv=None):
         return runtime.launch(os.path.abspath(__file__), argv, nproc)
     try:
         train(cfg)
+    except ConfigError as e:  # a world that does not fit the config (train.setup): nothing started
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (FloatingPointError, ckpt.CheckpointError) as e:  # bad checkpoints: refused before out_dir is touched
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,12 +13,15 @@ Opt-in, every public preset (Qwen-7B-Chat's 151,936-row vocabulary and 4096 widt
     NANOMPP_REHEARSAL=full NANOMPP_REHEARSAL_DEPTH=full python -m pytest -q tests/test_rehearsal.py  # big machine
 
 Reductions, each named where it is made: depth (rehearse.py --depth), --max_len=96 and 2 microbatches
-of 1 sample (rehearse.train_cmd), --dtype=fp32 (this CPU has no native bf16), and for a stage 2 that
-would not fit 11 GB (mpp-qwen7b-sft: 24.6 GB) embeddings and lm_head frozen, frozen parts in bf16 and
-no pipeline run (rehearse.reduce_stage, printed). Measured here (2 cores, load average 10-20): the
-default part 11 min; mpp-qwen7b-pretrain one process 9.8 GB peak RSS (11.8 GB on --resume, which counts
-the memory-mapped checkpoint's pages); its bf16 2-stage run hit the pipeline's fixed 60 s exchange
-timeout on this CPU (a stage took longer than 60 s per microbatch).
+of 1 sample (rehearse.train_cmd), --dtype=fp32 (this CPU has no native bf16: a bf16 matmul ran ~35x
+slower than fp32), and for a stage 2 that would not fit 11 GB (mpp-qwen7b-sft: 24.6 GB) embeddings
+and lm_head frozen, in fp32 if that fits (10.7 GB), and no pipeline run (rehearse.reduce_stage,
+printed). Measured here (2 cores, load average 5-13, everything under nice 19): the default part
+11 min; mpp-qwen7b-pretrain one process 93 s and 10.2 GB peak RSS (14.1 GB on --resume, which counts
+the memory-mapped checkpoint's pages); its 2-stage run in bf16 outlasted even --timeout=900 (bf16
+on this CPU), in fp32 it agreed with one process exactly (a manual run, ~14.8 GB with the save's
+pages); mpp-qwen7b-sft one step 627 s wall, 39 s of CPU, 10.4 GB, in fp32 (in bf16 it had not
+finished a step in 20 min).
 """
 import importlib.util
 import json
@@ -26,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -111,6 +115,38 @@ def test_partial_eva_vit_g(tmp_path):
     r = convert("eva_vit_g", p, tmp_path / "out", "--vit_depth=2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.load(open(tmp_path / "out" / "config.json"))["vit"]["depth"] == 2
+
+def test_a_stage_2_too_big_for_the_budget_is_reduced_by_name(tmp_path):
+    """mpp-qwen7b-sft at the default depth (2 Qwen-7B blocks): training the whole LLM needs 24.6 GB;
+    with embeddings and lm_head frozen it fits 11 GB in fp32 (fast on a CPU), a smaller budget gets
+    the frozen parts in bf16; a stage that freezes the LLM is never reduced."""
+    cfg = train.parse_args(["--preset=mpp-qwen7b-sft"])
+    os.makedirs(tmp_path / cfg.init)
+    llm = dict(vocab_size=151936, n_embd=4096, intermediate_size=11008, n_layer=2, tie_embeddings=False)
+    json.dump({"model": {"llm": llm}}, open(tmp_path / cfg.init / "config.json", "w"))
+    freeze = "--freeze=vit,qformer,llm.embed_tokens,llm.lm_head"
+    assert rehearse.reduce_stage(cfg, tmp_path) == (
+        [freeze], "fp32", "mpp-qwen7b-sft rehearsal: embeddings and lm_head frozen, in fp32, to fit 11 GB "
+                          "(training the whole LLM would need 24.6 GB); no pipeline run")
+    assert rehearse.reduce_stage(cfg, tmp_path, budget_gb=8) == (
+        [freeze, "--frozen_dtype=bf16"], "bf16", "mpp-qwen7b-sft rehearsal: embeddings and lm_head frozen, frozen "
+                                                 "parts in bf16, to fit 8 GB (training the whole LLM would need 24.6 GB); no pipeline run")
+    assert rehearse.reduce_stage(train.parse_args(["--preset=mpp-qwen7b-pretrain"]), tmp_path) == ([], "fp32", None)
+
+def test_a_command_that_times_out_is_killed_with_its_whole_tree(tmp_path):
+    """rehearse.run's timeout reaches processes that lead their own process group (as torchrun's
+    workers do), not only the command's."""
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+            "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print('worker', p.pid, flush=True); time.sleep(120)")
+    with pytest.raises(RuntimeError, match=r"^timed out after 5s: ") as e:
+        rehearse.run([sys.executable, "-c", code], str(tmp_path), print, timeout=5)
+    worker = int(str(e.value).split("worker ")[1].split()[0])
+    for _ in range(50):  # reaped by init once its parent is gone
+        if not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the command's worker {worker} outlived the timeout")
 
 # ----------------------------------------------------------------------------- tinygptv-phi2, rehearsed
 

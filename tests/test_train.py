@@ -44,6 +44,7 @@ def test_overrides_are_type_checked():
                               "mpp-qwen14b-pretrain, mpp-qwen14b-sft, minigpt4qwen, mpp-qwen2.5-0.5b-pretrain, "
                               "mpp-qwen2.5-1.5b-pretrain, tinygptv-phi2, minigpt4-vicuna7b-finetune",
              "--frozen_dtype=fp8": "--frozen_dtype='fp8': expected one of fp32, bf16",
+             "--num_stages=0": "--num_stages=0: expected 1 or more",
              "--frozen_dtype=bf16": "--frozen_dtype=bf16 needs --dtype=bf16: the bf16 frozen parts and the fp32 "
                                     "trainable ones meet inside one autocast (got --dtype=auto)"}
     for arg, msg in cases.items():
@@ -244,6 +245,75 @@ def test_pipeline_run_saves_every_stage_or_none_and_resumes_exactly(tmp_path):
         resumed = crash_run(tmp_path, 0, args(name) + ["--resume"], nproc=2)
         assert resumed.returncode == 0, (name, resumed.stderr[-3000:])
         assert losses(tmp_path / name)[-(6 - start):] == want[start:], name
+
+
+def test_pipeline_without_a_fitting_world_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """`python train.py --num_stages=2` without torchrun (or with a world that is not a multiple of
+    it): one line, exit 2, nothing written, like every other bad config."""
+    for world, n in ((None, 1), ("3", 3)):
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        assert train.main(tiny_args(tmp_path, num_stages=2)) == 2
+        assert capsys.readouterr().err == (f"error: --num_stages=2 needs torchrun with a multiple of 2 processes, "
+                                           f"this run has {n}\n")
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "data")
+
+
+def stalled_stage_worker(rank, tmp_path, port, timeout):
+    """One of 2 pipeline ranks of train.train with --timeout; stage 1 stalls in its first forward.
+    Writes (the timeouts of its default, pipeline and data-parallel groups, the error it ended with)."""
+    import pipeline
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    cfg = train.parse_args(tiny_args(tmp_path, num_stages=2, max_len=128, batch_size=4, grad_accum=2, max_iters=2,
+                                     timeout=timeout))
+    seen, setup, forward = {}, train.setup, pipeline.PipelineRunner.stage_forward
+
+    def recording_setup(cfg):
+        out = setup(cfg)
+        seen["groups"] = [g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                          for g in (torch.distributed.group.WORLD, *out[2:])]
+        return out
+
+    def stalling_forward(self, x, mb):
+        if not self.is_first:
+            time.sleep(600)  # killed by the test once rank 0 has reported
+        return forward(self, x, mb)
+    train.setup, pipeline.PipelineRunner.stage_forward = recording_setup, stalling_forward
+    try:
+        train.train(cfg)
+        seen["error"] = None
+    except RuntimeError as e:
+        seen["error"] = str(e)
+    torch.save(seen, tmp_path / f"stalled{rank}.pt")
+    os._exit(0)  # a process group with a stalled peer cannot be shut down cleanly
+
+
+def test_timeout_is_every_collectives_bound_and_a_stalled_stage_is_named(tmp_path):
+    """--timeout reaches the default group, the pipeline and data-parallel groups and the pipeline's
+    exchanges: rank 0 reports the stalled stage-1 rank after --timeout seconds, not the default 60."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    train.datasets(train.parse_args(tiny_args(tmp_path)))  # the dataset once, before the workers race for it
+    procs = mp.start_processes(stalled_stage_worker, args=(tmp_path, port, 10.0), nprocs=2, start_method="spawn",
+                               join=False)
+    try:
+        for _ in range(150):
+            if os.path.exists(tmp_path / "stalled0.pt"):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("rank 0 did not report the stalled stage in 150 s")
+    finally:
+        for p in procs.processes:
+            p.kill()
+    seen = torch.load(tmp_path / "stalled0.pt", weights_only=True)
+    assert seen["groups"] == [10.0, 10.0, 10.0]
+    assert seen["error"].startswith("pipeline rank 0 (stage 0): exchange with rank 1 failed or timed out after 10.0s: ")
 
 
 def test_resume_refuses_files_of_different_steps(tmp_path):
