@@ -554,13 +554,16 @@ class Interrupt:
         self.hit = True
 
 
-def setup(cfg):
-    """(device, distributed, pp_group, dp_group) of this process: runtime.setup's device and
-    default group, cut into pipeline and data-parallel groups when num_stages > 1."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+def check_world(cfg, world):
     if world % cfg.num_stages:
         raise ConfigError(f"--num_stages={cfg.num_stages} needs torchrun with a multiple of {cfg.num_stages} "
                           f"processes, this run has {world}")
+
+
+def setup(cfg):
+    """(device, distributed, pp_group, dp_group) of this process: runtime.setup's device and
+    default group, cut into pipeline and data-parallel groups when num_stages > 1."""
+    check_world(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     device, distributed = runtime.setup(cfg.timeout)
     pp_group = dp_group = None
     if cfg.num_stages > 1:
@@ -759,6 +762,11 @@ def main(argv=None):
         return 0
     nproc = cfg.cpu_processes
     if nproc > 1 and "WORLD_SIZE" not in os.environ and runtime.pick_device().type == "cpu":
+        try:
+            check_world(cfg, nproc)  # here, not once in every worker
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         datasets(cfg)  # the synthetic data is made once, here, before the workers look for it
         return runtime.launch(os.path.abspath(__file__), argv, nproc)
     try:

@@ -250,12 +250,12 @@ def test_pipeline_run_saves_every_stage_or_none_and_resumes_exactly(tmp_path):
 def test_pipeline_without_a_fitting_world_is_one_error_line(tmp_path, monkeypatch, capsys):
     """`python train.py --num_stages=2` without torchrun (or with a world that is not a multiple of
     it): one line, exit 2, nothing written, like every other bad config."""
-    for world, n in ((None, 1), ("3", 3)):
+    for world, n, processes in ((None, 1, 1), ("3", 3, 1), (None, 3, 3)):  # the last: 3 self-launched CPU workers
         if world is None:
             monkeypatch.delenv("WORLD_SIZE", raising=False)
         else:
             monkeypatch.setenv("WORLD_SIZE", world)
-        assert train.main(tiny_args(tmp_path, num_stages=2)) == 2
+        assert train.main(tiny_args(tmp_path, num_stages=2, cpu_processes=processes)) == 2
         assert capsys.readouterr().err == (f"error: --num_stages=2 needs torchrun with a multiple of 2 processes, "
                                            f"this run has {n}\n")
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "data")
