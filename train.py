@@ -5,7 +5,7 @@ With no arguments it trains the toy model (the real architecture at tiny sizes) 
 the built-in synthetic dataset on the CPU, evaluates held-out exact-match accuracy per task and
 writes a checkpoint to out/toy/ where `python chat.py` finds it.
 
-    python train.py                                    # the toy: 2 processes x 16 rows, ~6 min on 2 cores
+    python train.py                                    # the toy: 2 processes x 16 rows, ~8.5 min on 2 cores
     python train.py --cpu_processes=1 --batch_size=32  # the same rows per step in 1 process
     python train.py --preset=toy-long                  # 4x longer
     python train.py --max_iters=2000 --batch_size=8    # any Config field as --key=value
@@ -24,7 +24,7 @@ Checkpoints (ckpt.py): every save is a new out_dir/step-NNNNNN directory that ou
 to once it is complete, so a crash at any instant leaves the previous step whole; --resume refuses
 a step directory whose files belong to different steps.
 
-At about 770 lines this is over twice nanoGPT's train.py because it is the one script for every
+At about 780 lines this is over twice nanoGPT's train.py because it is the one script for every
 run: the toy's from-scratch init and curriculum, the public presets, DDP (plain `python` starts it
 itself with --cpu_processes, runtime.launch), pipeline stages, LoRA, --plan, background batch
 building, and saves that survive a crash. The held-out exact-match evaluation is evaluate.py's.
