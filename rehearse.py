@@ -494,10 +494,9 @@ def train_cmd(preset, stages, extra=(), dtype="fp32"):
     --max_len=MAX_LEN, in-process batches, warm-up 1 step so that few steps move the weights, and
     dtype: fp32 on a CPU without native bf16 (a bf16 matmul ran ~35x slower than fp32 here);
     under torchrun --timeout=PP_TIMEOUT."""
-    import train
     base = [f"--preset={preset}", "--batch_size=1", "--grad_accum=2", f"--max_len={MAX_LEN}", "--num_workers=0",
             "--warmup_iters=1", f"--num_stages={stages}", "--threads=1", f"--dtype={dtype}", *extra]
-    if dtype == "fp32" and "frozen_dtype" in train.Config.__dataclass_fields__:
+    if dtype == "fp32":
         base.append("--frozen_dtype=fp32")
     if stages == 1:
         return [sys.executable, os.path.join(ROOT, "train.py"), *base]
@@ -633,7 +632,7 @@ def reduce_stage(cfg, work, budget_gb=11.0):
         how, dtype = "in fp32", "fp32"
     else:
         how, dtype = "frozen parts in bf16", "bf16"
-        extra += ["--frozen_dtype=bf16"] if "frozen_dtype" in train.Config.__dataclass_fields__ else []
+        extra += ["--frozen_dtype=bf16"]
     return extra, dtype, (f"{cfg.preset} rehearsal: embeddings and lm_head frozen, {how}, to fit {budget_gb:.0f} GB "
                           f"(training the whole LLM would need {need:.1f} GB); no pipeline run")
 
@@ -689,7 +688,7 @@ def rehearse(preset, work, depth=DEFAULT_DEPTH, seed=0, pipeline=True, log=print
     pp_dtype = "fp32" if n * 4 * 2 / 2 ** 30 <= 11 else "bf16"
     if pipeline:  # 2 pipeline stages, 1 step from the same start: the merged model equals step 1 above
         pp_out = out + "-pp2"
-        pp_extra = [*extra, *(["--frozen_dtype=bf16"] if pp_dtype == "bf16" and "frozen_dtype" in train.Config.__dataclass_fields__ else [])]
+        pp_extra = [*extra, *(["--frozen_dtype=bf16"] if pp_dtype == "bf16" else [])]
         _, s3, m3 = run(train_cmd(preset, 2, ["--max_iters=1", f"--out_dir={pp_out}", *pp_extra], pp_dtype), work, log)
         merged, agreement = load_state(pp_out), {}
         for k, t in a.items():

@@ -47,10 +47,11 @@ def setup(timeout=60.0):
 
 
 def launch(script, argv, nproc):
-    """Plain `python train.py` on a CPU with several cores: run `script` again as nproc
-    data-parallel gloo processes (what `torchrun --standalone --nproc_per_node=nproc` would start)
-    and wait for them. Ctrl-C goes to the workers (the terminal signals its whole process group):
-    they stop after the same step and save; a worker that fails takes the others down with it."""
+    """Plain `python train.py` on a CPU: run `script` again as nproc data-parallel gloo processes
+    (one per core; on fewer cores they share them) and wait for them, as `torchrun --standalone
+    --nproc_per_node=nproc` would. Ctrl-C goes to the workers (the terminal signals its whole
+    process group): they stop after the same step and save; a worker that fails takes the others
+    down with it."""
     import socket
     import subprocess
     with socket.socket() as s:
