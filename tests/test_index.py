@@ -1,6 +1,7 @@
 """The data set's index (data.build_index, its cache file index.load_index) and the pipeline's
 token-only stages: a cache hit gives the items of a fresh build; a changed data file, tokenizer or
-template builds anew; a damaged cache file is rebuilt, never used; two processes starting together
+template builds anew; one built from a relative image root is not reused from elsewhere; a
+damaged cache file is rebuilt, never used; two processes starting together
 share one build; a pipeline's later stage opens no image or video and the run's losses equal those
 of a run where every stage loads pixels (torchrun, 2 gloo processes)."""
 import json
@@ -93,6 +94,7 @@ def test_a_relative_root_built_elsewhere_is_not_reused(root, tmp_path, monkeypat
     assert items(absolute) == want
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
 def test_a_damaged_cache_file_is_rebuilt_never_used(root, damage):
     good, _ = make(root)
     path, blob = good.index_path, open(good.index_path, "rb").read()
