@@ -1,5 +1,5 @@
-"""The data set's index (data.build_index, its cache file index.load_index) and the pipeline's token-
-only stages: a cache hit gives the items of a fresh build; a changed data file, tokenizer or
+"""The data set's index (data.build_index, its cache file index.load_index) and the pipeline's
+token-only stages: a cache hit gives the items of a fresh build; a changed data file, tokenizer or
 template builds anew; one built from a relative image root is not reused from elsewhere; a damaged
 cache file is rebuilt, never used; two processes starting together share one build; a pipeline's
 later stage opens no image or video and the run's losses equal those of a run where every stage
