@@ -281,6 +281,9 @@ def test_terminal_ctrl_c_at_the_prompt_and_ctrl_d(toy):
     pid, fd = pty.fork()
     if pid == 0:  # the child: chat.py with the pty as its controlling terminal
         os.chdir(ROOT)
+        # Ctrl-C's default, whatever this runner inherited (a shell's background job ignores SIGINT,
+        # and an ignored SIGINT stays ignored across exec: Python would not install its handler)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(sys.executable, [sys.executable, "chat.py", "--ckpt", toy], {**os.environ, **ONE_THREAD})
     seen = b""
 
