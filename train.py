@@ -744,36 +744,25 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     planning = "--plan" in argv  # --plan [--nproc=N] [--device_memory=24GB]: print the memory plan, no training
     extra = {a.partition("=")[0]: a.partition("=")[2] for a in argv if a.startswith(("--nproc=", "--device_memory="))}
-    try:
+    try:  # every refusal of the command line: one line, exit 2, nothing started
         if extra and not planning:
             raise ConfigError(f"{', '.join(extra)}: only with --plan")
         cfg = parse_args([a for a in argv if a != "--plan" and a.partition("=")[0] not in extra])
         nproc = parse_value("nproc", extra["--nproc"], 0) if "--nproc" in extra else 0
         memory = plan.parse_size(extra["--device_memory"]) if "--device_memory" in extra else None
-    except ValueError as e:  # ConfigError, or a bad --device_memory
+        if planning:
+            print_plan(cfg, nproc, memory)
+            return 0
+        launch = cfg.cpu_processes > 1 and "WORLD_SIZE" not in os.environ and runtime.pick_device().type == "cpu"
+        check_world(cfg, cfg.cpu_processes if launch else int(os.environ.get("WORLD_SIZE", 1)))  # once, not per worker
+    except ValueError as e:  # ConfigError, a bad --device_memory, or a plan that cannot be made
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if planning:
-        try:
-            print_plan(cfg, nproc, memory)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    nproc = cfg.cpu_processes
-    if nproc > 1 and "WORLD_SIZE" not in os.environ and runtime.pick_device().type == "cpu":
-        try:
-            check_world(cfg, nproc)  # here, not once in every worker
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    if launch:
         datasets(cfg)  # the synthetic data is made once, here, before the workers look for it
-        return runtime.launch(os.path.abspath(__file__), argv, nproc)
+        return runtime.launch(os.path.abspath(__file__), argv, cfg.cpu_processes)
     try:
         train(cfg)
-    except ConfigError as e:  # a world that does not fit the config (train.setup): nothing started
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (FloatingPointError, ckpt.CheckpointError) as e:  # bad checkpoints: refused before out_dir is touched
         print(f"error: {e}", file=sys.stderr)
         return 1
