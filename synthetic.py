@@ -14,8 +14,10 @@ videos of a moving shape written with PyAV, plus JSON in the MiniGPT4Qwen format
   compare   two images: "are they the same colour?" -> "yes" | "no"
   video     "which way does the shape move?"    -> "left" | "right" | "up" | "down"
 
-Answer sets are small and closed, so exact-match accuracy is meaningful; `chance_levels(rows)`
-gives each task's chance level (accuracy of always giving its most frequent answer).
+The training split can hold more count rows than rows of each other task (count_share); the
+held-out split has the same number of each. Answer sets are small and closed, so exact-match
+accuracy is meaningful; `chance_levels(rows)` gives each task's chance level (accuracy of always
+giving its most frequent answer).
 Everything is a pure function of the parameters; the result is cached in a directory whose name
 is built from them, so a second call returns at once.
 
@@ -212,9 +214,11 @@ def corpus_words(rows):
     return sorted(words)
 
 
-def make_synthetic(root="data/synthetic", seed=0, n_train=7000, n_val=800, image_size=32, n_frames=4):
-    """Generate (or find cached) the dataset; returns dict(train, val, image_root, words, chance)."""
-    key = f"v{VERSION}_seed{seed}_train{n_train}_val{n_val}_img{image_size}_frames{n_frames}"
+def make_synthetic(root="data/synthetic", seed=0, n_train=7000, n_val=800, image_size=32, n_frames=4, count_share=1):
+    """Generate (or find cached) the dataset; returns dict(train, val, image_root, words, chance).
+    The training rows cycle through the tasks and then count_share - 1 more count rows."""
+    key = f"v{VERSION}_seed{seed}_train{n_train}_val{n_val}_img{image_size}_frames{n_frames}" + \
+        (f"_count{count_share}" if count_share != 1 else "")
     out = os.path.join(root, key)
     meta_path = os.path.join(out, "meta.json")
     if not os.path.exists(meta_path):
@@ -223,9 +227,9 @@ def make_synthetic(root="data/synthetic", seed=0, n_train=7000, n_val=800, image
         os.makedirs(tmp)
         rng = random.Random(seed)
         splits = {}
-        for split, n in (("train", n_train), ("val", n_val)):
-            # Tasks cycle so every task gets the same share; the rng makes the content.
-            rows = [make_row(rng, TASKS[i % len(TASKS)], i, tmp, image_size, n_frames) for i in range(n)]
+        for split, n, cycle in (("train", n_train, TASKS + ["count"] * (count_share - 1)), ("val", n_val, TASKS)):
+            # Tasks take turns in the cycle's order; the rng makes the content.
+            rows = [make_row(rng, cycle[i % len(cycle)], i, tmp, image_size, n_frames) for i in range(n)]
             for row in rows:
                 for k in ("image", "video"):
                     if k in row:  # make names unique across splits
@@ -238,7 +242,8 @@ def make_synthetic(root="data/synthetic", seed=0, n_train=7000, n_val=800, image
                 json.dump(rows, f, indent=0)
             splits[split] = rows
         meta = dict(words=corpus_words(splits["train"] + splits["val"]), chance=chance_levels(splits["val"]),
-                    seed=seed, n_train=n_train, n_val=n_val, image_size=image_size, n_frames=n_frames)
+                    seed=seed, n_train=n_train, n_val=n_val, image_size=image_size, n_frames=n_frames,
+                    count_share=count_share)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         try:

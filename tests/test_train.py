@@ -421,8 +421,37 @@ def test_warm_up_on_data_without_tasks_is_refused_and_public_presets_skip_it():
         def rows_with_task(self, names):
             return []
     cfg = train.parse_args(["--data=mine.json"])
-    with pytest.raises(ValueError, match=r"no training row has a task in curriculum_tasks='count,position,caption' "
+    with pytest.raises(ValueError, match=r"no training row has a task in curriculum_tasks='count,position,position,shape,shape,caption' "
                                          r"\(rows name it in a 'task' field\); set --curriculum_iters=0"):
         next(train.step_batches(cfg, Rows(), 0, 0, 1, 0))
     for name in (p for p in train.TRAIN_PRESETS if not p.startswith("toy")):
         assert train.parse_args([f"--preset={name}"]).curriculum_iters == 0, name
+
+
+def test_synthetic_training_split_triples_count_and_held_out_split_is_even(tmp_path):
+    from collections import Counter
+    from synthetic import TASKS, make_synthetic
+    d = make_synthetic(str(tmp_path), n_train=40, n_val=16, image_size=8, count_share=3)
+    tasks = {split: Counter(r["task"] for r in json.load(open(d[split]))) for split in ("train", "val")}
+    assert tasks["train"] == {**{t: 4 for t in TASKS}, "count": 12}  # 4 cycles of 8 tasks + 2 more counts
+    assert tasks["val"] == {t: 2 for t in TASKS}
+
+
+def test_a_task_named_twice_has_its_rows_twice_in_the_warm_up_and_after_it():
+    from collections import Counter
+    tasks = ["compare", "position", "count", "colour"] * 8
+
+    class Rows:
+        def __len__(self):
+            return len(tasks)
+
+        def rows_with_task(self, names):
+            return [i for i, t in enumerate(tasks) if t in names]
+    cfg = train.parse_args(["--oversample=compare,compare,position", "--curriculum_tasks=count,colour,colour",
+                            "--curriculum_iters=3", "--batch_size=4", "--max_iters=40"])
+    steps = train.StepBatches(cfg, Rows(), 0, 0, 1)
+    assert Counter(tasks[i] for i in steps.easy) == {"count": 8, "colour": 16}
+    assert Counter(tasks[i] for i in steps.everything) == {"compare": 24, "position": 16, "count": 8, "colour": 8}
+    assert {tasks[i] for s in range(3) for i in steps.rows(s)} <= {"count", "colour"}  # the warm-up
+    drawn = Counter(tasks[i] for s in range(3, 3 + 14) for i in steps.rows(s))  # one epoch: 56 rows
+    assert drawn == {"compare": 24, "position": 16, "count": 8, "colour": 8}
