@@ -217,8 +217,7 @@ def corpus_words(rows):
 def make_synthetic(root="data/synthetic", seed=0, n_train=7000, n_val=800, image_size=32, n_frames=4, count_share=1):
     """Generate (or find cached) the dataset; returns dict(train, val, image_root, words, chance).
     The training rows cycle through the tasks and then count_share - 1 more count rows."""
-    key = f"v{VERSION}_seed{seed}_train{n_train}_val{n_val}_img{image_size}_frames{n_frames}" + \
-        (f"_count{count_share}" if count_share != 1 else "")
+    key = f"v{VERSION}_seed{seed}_train{n_train}_val{n_val}_img{image_size}_frames{n_frames}_count{count_share}"
     out = os.path.join(root, key)
     meta_path = os.path.join(out, "meta.json")
     if not os.path.exists(meta_path):
@@ -226,8 +225,8 @@ def make_synthetic(root="data/synthetic", seed=0, n_train=7000, n_val=800, image
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         rng = random.Random(seed)
-        splits = {}
-        for split, n, cycle in (("train", n_train, TASKS + ["count"] * (count_share - 1)), ("val", n_val, TASKS)):
+        splits, train_cycle = {}, TASKS + ["count"] * (count_share - 1)
+        for split, n, cycle in (("train", n_train, train_cycle), ("val", n_val, TASKS)):
             # Tasks take turns in the cycle's order; the rng makes the content.
             rows = [make_row(rng, cycle[i % len(cycle)], i, tmp, image_size, n_frames) for i in range(n)]
             for row in rows:

@@ -391,8 +391,8 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, cfg, ds, pad_id, dp_rank, dp_size):
         self.cfg, self.ds, self.pad_id, self.dp_rank, self.dp_size = cfg, ds, pad_id, dp_rank, dp_size
         rows = getattr(ds, "ds", ds)  # the VLDataset, also under Cached
-        # a task named k times has its rows in the pool k times
-        pool = lambda names: [i for name in names.split(",") if name for i in rows.rows_with_task([name])]
+        def pool(names):  # a task named k times has its rows in the pool k times
+            return [i for name in names.split(",") if name for i in rows.rows_with_task([name])]
         self.easy, self.everything = pool(cfg.curriculum_tasks), list(range(len(ds))) + pool(cfg.oversample)
         if cfg.curriculum_iters > 0 and not self.easy:
             raise ValueError(f"no training row has a task in curriculum_tasks={cfg.curriculum_tasks!r} "

@@ -432,7 +432,10 @@ def test_synthetic_training_split_triples_count_and_held_out_split_is_even(tmp_p
     from collections import Counter
     from synthetic import TASKS, make_synthetic
     d = make_synthetic(str(tmp_path), n_train=40, n_val=16, image_size=8, count_share=3)
-    tasks = {split: Counter(r["task"] for r in json.load(open(d[split]))) for split in ("train", "val")}
+    tasks = {}
+    for split in ("train", "val"):
+        with open(d[split]) as f:
+            tasks[split] = Counter(r["task"] for r in json.load(f))
     assert tasks["train"] == {**{t: 4 for t in TASKS}, "count": 12}  # 4 cycles of 8 tasks + 2 more counts
     assert tasks["val"] == {t: 2 for t in TASKS}
 
