@@ -22,13 +22,17 @@ LLM's template and ends at its stop token.
 Public dtypes written: eva_vit_g.pth fp16 (docs/reference.md: its 1,011,143,296 values are 1.88 GiB
 in fp16, 3.77 GiB in fp32, and torch.hub's download of it shows 1.89G), the BLIP-2 .pth
 fp32 (trainable weights saved from AMP training, under "model"), Qwen-7B/14B-Chat and Qwen2.5 bf16,
-phi-2 fp16, MiniGPT4Qwen's llm_proj fp32 and its fine-tuned LLM bf16 (the 15 GB release). Random
+phi-2 fp16, MiniGPT4Qwen's llm_proj fp32 and its fine-tuned LLM bf16 (the 15 GB release), Vicuna-7B
+v1.3 fp16 in 2 pytorch_model-*.bin shards (its rotary inv_freq buffers fp32) with a stand-in
+tokenizer.model of LLaMA's 32,000 pieces and id layout (llama_tokenizer_model: LLaMA's vocabulary has
+no offline source), MiniGPT-4's llama_proj fp32 (prerained_minigpt4_7b.pth). Random
 values are a 1M-value random block (prime length, so rows do not repeat in step) tiled: fast, and
 one tensor at a time, one shard at a time, so at most one shard is in memory.
 
 So that random weights still end their answers, the head is rigged: the final norm's weight (or,
 for LayerNorm, its bias) is large on one channel, where the stop tokens' head rows are +-1 (Qwen has
-two stop tokens, one per sign; Phi's positive bias needs one), so a stop token soon wins.
+two stop tokens, one per sign, as Vicuna has </s> and MiniGPT-4's "###"; Phi's positive bias needs
+one), so a stop token soon wins.
 """
 import base64
 import json
@@ -53,7 +57,8 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ----------------------------------------------------------------------------- the public configs
 # config.json as published on the HF hub (Qwen/Qwen-7B-Chat, Qwen/Qwen-14B-Chat,
-# Qwen/Qwen2.5-{0.5B,1.5B}-Instruct, microsoft/phi-2), the keys convert.py and transformers read.
+# Qwen/Qwen2.5-{0.5B,1.5B}-Instruct, microsoft/phi-2, lmsys/vicuna-7b-v1.3), the keys convert.py and
+# transformers read.
 
 QWEN1 = dict(architectures=["QWenLMHeadModel"], auto_map={"AutoConfig": "configuration_qwen.QWenConfig",
              "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}, attn_dropout_prob=0.0, bf16=False,
@@ -83,6 +88,13 @@ PHI2 = dict(_name_or_path="microsoft/phi-2", architectures=["PhiForCausalLM"], a
             partial_rotary_factor=0.4, qk_layernorm=False, resid_pdrop=0.1, rope_scaling=None, rope_theta=10000.0,
             tie_word_embeddings=False, torch_dtype="float16", transformers_version="4.37.0", use_cache=True,
             vocab_size=51200)
+# lmsys/vicuna-7b-v1.3 (config.json, 566 bytes; the same keys as lmsys/vicuna-13b-v1.3's, 7B's sizes):
+# Vicuna v1.x is LLaMA-7B fine-tuned, saved by transformers 4.28 as 2 fp16 pytorch_model-*.bin shards
+VICUNA7B = dict(_name_or_path="/home/ubuntu/model_weights/vicuna-7b-v1.3", architectures=["LlamaForCausalLM"],
+                bos_token_id=1, eos_token_id=2, hidden_act="silu", hidden_size=4096, initializer_range=0.02,
+                intermediate_size=11008, max_position_embeddings=2048, model_type="llama", num_attention_heads=32,
+                num_hidden_layers=32, pad_token_id=0, rms_norm_eps=1e-06, tie_word_embeddings=False,
+                torch_dtype="float16", transformers_version="4.28.1", use_cache=True, vocab_size=32000)
 
 # ----------------------------------------------------------------------------- the public layouts
 # (key, shape) in each file's own names (docs/reference.md); the values come from `fill`.
@@ -101,7 +113,7 @@ def qwen1_layout(c):
 
 def qwen2_layout(c):
     d, f, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    kv = d // c["num_attention_heads"] * c.get("num_key_value_heads", c["num_attention_heads"])
     keys = [("model.embed_tokens.weight", (c["vocab_size"], d))]
     for i in range(L):
         p = f"model.layers.{i}."
@@ -113,6 +125,18 @@ def qwen2_layout(c):
                  (p + "mlp.up_proj.weight", (f, d)), (p + "mlp.down_proj.weight", (d, f))]
     keys.append(("model.norm.weight", (d,)))
     return keys + ([] if c["tie_word_embeddings"] else [("lm_head.weight", (c["vocab_size"], d))])
+
+
+def llama_layout(c):
+    """Qwen2's names without the q/k/v biases, and each layer's rotary inv_freq buffer after its
+    o_proj, as transformers 4.28 saved a LlamaForCausalLM (the fp32 FloatStorage in Vicuna's shards)."""
+    keys = []
+    for k, shape in qwen2_layout(c):
+        if not k.endswith("_proj.bias"):
+            keys.append((k, shape))
+        if k.endswith("o_proj.weight"):
+            keys.append((k.replace("o_proj.weight", "rotary_emb.inv_freq"), (shape[0] // c["num_attention_heads"] // 2,)))
+    return keys
 
 
 def phi_layout(c):
@@ -214,10 +238,11 @@ def write_sparse_safetensors(path, layout, dtype):
         f.truncate(8 + len(text) + offset)
 
 
-def write_safetensors_dir(d, config, layout, dtype, n_shards, fill, rig=None, single="model.safetensors"):
+def write_safetensors_dir(d, config, layout, dtype, n_shards, fill, rig=None, fmt="safetensors"):
     """An HF checkpoint directory: config.json and the weights, one shard in memory at a time;
-    n_shards > 1 writes model-0000i-of-0000n.safetensors + model.safetensors.index.json. fill=None
-    writes sparse files (zeros)."""
+    n_shards > 1 writes model-0000i-of-0000n.safetensors + model.safetensors.index.json, or with
+    fmt="bin" pytorch_model-0000i-of-0000n.bin + pytorch_model.bin.index.json (torch.save, as
+    transformers < 4.35 saved). fill=None writes sparse safetensors files (zeros)."""
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -228,21 +253,26 @@ def write_safetensors_dir(d, config, layout, dtype, n_shards, fill, rig=None, si
             size = 0
         groups[-1].append((key, shape))
         size += math.prod(shape)
+    stem = {"safetensors": "model", "bin": "pytorch_model"}[fmt]
     weight_map, total = {}, 0
     for s, group in enumerate(groups):
-        name = single if len(groups) == 1 else f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
+        name = f"{stem}.{fmt}" if len(groups) == 1 else f"{stem}-{s + 1:05d}-of-{len(groups):05d}.{fmt}"
         weight_map.update({k: name for k, _ in group})
-        total += sum(math.prod(shape) for _, shape in group) * torch.empty((), dtype=dtype).element_size()
         if fill is None:
+            total += sum(math.prod(shape) for _, shape in group) * torch.empty((), dtype=dtype).element_size()
             write_sparse_safetensors(os.path.join(d, name), group, dtype)
             continue
         part = {k: fill(k, shape, dtype) for k, shape in group}
         if rig:
             rig(part)
-        save_file(part, os.path.join(d, name), metadata={"format": "pt"})
+        total += sum(t.nbytes for t in part.values())
+        if fmt == "bin":
+            torch.save(part, os.path.join(d, name))
+        else:
+            save_file(part, os.path.join(d, name), metadata={"format": "pt"})
         del part
     if len(groups) > 1:
-        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(d, f"{stem}.{fmt}.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
@@ -355,6 +385,50 @@ def write_phi2(d, depth, seed):
     write_bpe_tokenizer(d, ranks, added, "CodeGenTokenizer")
 
 
+def llama_tokenizer_model(seed, n=32000):
+    """The bytes of a sentencepiece tokenizer.model with LLaMA-7B's size and id layout: <unk> 0, <s> 1,
+    </s> 2, the byte pieces <0x00>..<0xFF> at 3..258, then BPE pieces, 32,000 in all. LLaMA's own
+    vocabulary has no offline source here, so this is a stand-in, not LLaMA's vocabulary: trained
+    with LLaMA's options (as tests/test_llama.py) on made-up syllable words and MiniGPT-4's template,
+    so that "###" is one piece, "▁###", as in LLaMA (its id 835; here another)."""
+    import io
+    import random
+    import sentencepiece as spm
+    from data import TEMPLATES
+    r = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    words = ["".join(r.choices(syllables, k=r.randint(1, 4))) for _ in range(40000)]
+    text = [" ".join(r.choices(words, k=12)) for _ in range(20000)]
+    text += [TEMPLATES["minigpt4"]["system"] + "###Human: <Img><ImageHere></Img> What is in the image?"
+             "###Assistant: A picture of noise. ###"] * 200
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=out, model_type="bpe", vocab_size=n, byte_fallback=True,
+        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", add_dummy_prefix=True, character_coverage=0.99995,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    return out.getvalue()
+
+
+def write_vicuna(d, depth, seed):
+    """lmsys/vicuna-7b-v1.3: fp16 in 2 pytorch_model-*.bin shards (each layer's rotary inv_freq in
+    fp32, as transformers 4.28 saved it) and the stand-in tokenizer.model (llama_tokenizer_model).
+    The rig's two stop tokens are MiniGPT-4's: </s> and "▁###"."""
+    from tokenizer import SentencePieceTokenizer
+    cfg = _llm_config(VICUNA7B, depth)
+    model = llama_tokenizer_model(seed)
+    stops = [SentencePieceTokenizer(model).token_id(t) for t in ("</s>", "###")]
+    head = cfg["hidden_size"] // cfg["num_attention_heads"]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head, 2).float() / head)  # LlamaRotaryEmbedding's buffer
+
+    def rig(part):
+        rig_stop(part, "lm_head.weight", "model.norm.weight", stops)
+        part.update({k: inv_freq.clone() for k in part if k.endswith("rotary_emb.inv_freq")})
+    write_safetensors_dir(d, cfg, llama_layout(cfg), torch.float16, 2, Filler(seed), rig, fmt="bin")
+    with open(os.path.join(d, "tokenizer.model"), "wb") as f:
+        f.write(model)
+
+
 def write_eva_vit_g(path, depth, seed):
     """eva_vit_g.pth: a flat state dict of 40 blocks (BLIP-2 uses 39), fp16 as published (docs/reference.md)."""
     fill = Filler(seed)
@@ -368,13 +442,14 @@ def write_blip2(path, seed):
     torch.save({"model": state}, path)
 
 
-def write_minigpt4qwen(path, published, depth, seed, stage):
+def write_minigpt4qwen(path, published, depth, seed, stage, proj="llm_proj"):
     """MiniGPT4Qwen's model.pth (stage 1: llm_proj, fp32) or unfreeze_llm_model.pth (stage 2: also
-    the fine-tuned Qwen under llm_model., bf16), weights under "model"."""
+    the fine-tuned Qwen under llm_model., bf16), weights under "model". MiniGPT-4's
+    prerained_minigpt4_7b.pth is stage 1's file with its own name, proj="llama_proj"."""
     fill = Filler(seed)
     d = published["hidden_size"]
-    state = {"llm_proj.weight": fill("llm_proj.weight", (d, 768), torch.float32),
-             "llm_proj.bias": fill("llm_proj.bias", (d,), torch.float32)}
+    state = {proj + ".weight": fill(proj + ".weight", (d, 768), torch.float32),
+             proj + ".bias": fill(proj + ".bias", (d,), torch.float32)}
     if stage == 2:
         state.update({"llm_model." + k: fill(k, s, torch.bfloat16) for k, s in qwen1_layout(_llm_config(published, depth))})
     torch.save({"model": state}, path)
@@ -394,6 +469,9 @@ PUBLIC = {
                                lambda p, dep, s: write_minigpt4qwen(p, QWEN7B_CHAT, dep, s, 1)),
     "checkpoints/mpp-stage2": ("minigpt4qwen", "unfreeze_llm_model.pth",
                                lambda p, dep, s: write_minigpt4qwen(p, QWEN7B_CHAT, dep, s, 2)),
+    "checkpoints/vicuna-7b": ("llama", "vicuna-7b-v1.3", write_vicuna),
+    "checkpoints/minigpt4-proj": ("minigpt4", "prerained_minigpt4_7b.pth",  # sic: the release's name
+                                  lambda p, dep, s: write_minigpt4qwen(p, VICUNA7B, dep, s, 1, proj="llama_proj")),
 }
 
 
