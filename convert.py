@@ -94,10 +94,13 @@ def split(*targets, dim=0):
 
 def remap(src, rules, ignore=()):
     """Rename src keys with `rules` [(regex, target)], first full match wins; target is a
-    replacement string (\\1 = group) or fn(match, tensor) -> {name: tensor}. Every key must match
-    a rule or an `ignore` regex."""
+    replacement string (\\1 = group) or fn(match, tensor) -> {name: tensor}. A key matching an
+    `ignore` regex is dropped, before any rule is tried (tables end in catch-alls such as
+    `model\\.(.*)`); every other key must match a rule."""
     out, unknown = {}, []
     for key, t in src.items():
+        if any(re.fullmatch(p, key) for p in ignore):
+            continue
         for pattern, target in rules:
             m = re.fullmatch(pattern, key)
             if m:
@@ -108,8 +111,7 @@ def remap(src, rules, ignore=()):
                 out.update(new)
                 break
         else:
-            if not any(re.fullmatch(p, key) for p in ignore):
-                unknown.append(key)
+            unknown.append(key)
     if unknown:
         raise CheckpointError(f"unexpected keys (no rename rule, not ignored): {sorted(unknown)[:10]}"
                               + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))

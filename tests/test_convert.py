@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from ckpt import CheckpointError, load_into
 from conftest import hf_qwen2, prompts
-from convert import convert_qwen2, llm_from_hf, read_state_dict, remap, tokenizer_from_hf
+from convert import (LLAMA_IGNORE, LLAMA_RULES, PHI_IGNORE, QWEN2_IGNORE, QWEN2_RULES, convert_qwen2, llm_from_hf,
+                     phi_rules, read_state_dict, remap, tokenizer_from_hf)
 from model import load_llm, save_llm
 from qwen import Qwen, QwenConfig
 from tokenizer import Tokenizer, _byte_to_unicode
@@ -78,6 +79,14 @@ def test_remap_collision():
     rules = [(r"a\.(\d)", "x")]
     with pytest.raises(CheckpointError, match=re.escape("two source keys map to ['x']")):
         remap({"a.1": torch.zeros(1), "a.2": torch.zeros(1)}, rules)
+
+
+def test_rotary_buffers_of_older_exports_are_dropped():
+    """transformers < 4.31 saved each layer's rotary_emb.inv_freq (lmsys/vicuna-7b-v1.3's .bin shards
+    hold them): ignored, not renamed by the tables' catch-all `model\\.(.*)` into an unexpected key."""
+    src = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8), "model.embed_tokens.weight": torch.zeros(1)}
+    for rules, ignore in ((QWEN2_RULES, QWEN2_IGNORE), (LLAMA_RULES, LLAMA_IGNORE), (phi_rules(4), PHI_IGNORE)):
+        assert list(remap(src, rules, ignore)) == ["embed_tokens.weight"]
 
 
 def test_truncated_and_corrupt_safetensors(hf_dir, tmp_path):
