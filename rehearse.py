@@ -247,8 +247,8 @@ def write_safetensors_dir(d, config, layout, dtype, n_shards, fill, rig=None, fm
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     groups, size, limit = [[]], 0, sum(math.prod(s) for _, s in layout) / n_shards
-    for key, shape in layout:  # as save_pretrained shards: a new file when the next tensor would overflow
-        if groups[-1] and size + math.prod(shape) > limit:
+    for key, shape in layout:  # as save_pretrained shards: a new file when the next tensor would overflow,
+        if groups[-1] and size + math.prod(shape) > limit and len(groups) < n_shards:  # n files in all
             groups.append([])
             size = 0
         groups[-1].append((key, shape))

@@ -39,6 +39,7 @@ import torch
 
 import rehearse
 import train
+from data import TEMPLATES
 from tokenizer import SentencePieceTokenizer, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,5 +276,8 @@ def test_public_preset(full_work, preset):
     print(f"{preset}: depth {depth}" + (" (DEPTHS: named reduction)" if preset in DEPTHS else ""))
     report = rehearse.rehearse(preset, work, depth, log=print, done=done)[preset]
     assert report["chat"]["finish"] == "stop" and report["chat"]["images"] == 32
+    if train.parse_args([f"--preset={preset}"]).model == "minigpt4-vicuna7b":  # MiniGPT-4's template, images left out
+        assert report["chat"]["prompt"] == (f"<s> {TEMPLATES['minigpt4']['system']}###Human: <Img> </Img> "
+                                            "What is in the image?###Assistant:")
     for part, r in report.items():
         print(f"{preset} {part}: {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB")
