@@ -88,8 +88,8 @@ PHI2 = dict(_name_or_path="microsoft/phi-2", architectures=["PhiForCausalLM"], a
             partial_rotary_factor=0.4, qk_layernorm=False, resid_pdrop=0.1, rope_scaling=None, rope_theta=10000.0,
             tie_word_embeddings=False, torch_dtype="float16", transformers_version="4.37.0", use_cache=True,
             vocab_size=51200)
-# lmsys/vicuna-7b-v1.3 (config.json, 566 bytes; the same keys as lmsys/vicuna-13b-v1.3's, 7B's sizes):
-# Vicuna v1.x is LLaMA-7B fine-tuned, saved by transformers 4.28 as 2 fp16 pytorch_model-*.bin shards
+# lmsys/vicuna-7b-v1.3 (the keys of lmsys/vicuna-13b-v1.3's config.json, 7B's sizes; docs/reference.md):
+# LLaMA-7B fine-tuned, saved by transformers 4.28 as 2 fp16 pytorch_model-*.bin shards (9.98 + 3.5 GB)
 VICUNA7B = dict(_name_or_path="/home/ubuntu/model_weights/vicuna-7b-v1.3", architectures=["LlamaForCausalLM"],
                 bos_token_id=1, eos_token_id=2, hidden_act="silu", hidden_size=4096, initializer_range=0.02,
                 intermediate_size=11008, max_position_embeddings=2048, model_type="llama", num_attention_heads=32,
