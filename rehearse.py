@@ -393,7 +393,9 @@ def llama_tokenizer_model(seed, n=32000):
     so that "###" is one piece, "▁###", as in LLaMA (its id 835; here another)."""
     import io
     import random
+
     import sentencepiece as spm
+
     from data import TEMPLATES
     r = random.Random(seed)
     syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
