@@ -17,12 +17,15 @@ of 1 sample (rehearse.train_cmd), --dtype=fp32 (this CPU has no native bf16: a b
 slower than fp32), a budget of 16 GB for any one run (rehearse.BUDGET_GB): a stage 2 that would not
 fit it (mpp-qwen7b-sft: 24.6 GB) gets embeddings and lm_head frozen, in fp32 if that fits (10.7 GB),
 and no pipeline run (rehearse.reduce_stage, printed); a 2-stage run that would not fit in fp32 is
-skipped, by name; and the Qwen-14B presets at 1 block (DEPTHS below). Measured here (2 cores, load average 5-13, everything under nice 19): the default part
-11 min; mpp-qwen7b-pretrain one process 93 s and 10.2 GB peak RSS (14.1 GB on --resume, which counts
-the memory-mapped checkpoint's pages); its 2-stage run in bf16 outlasted even --timeout=900 (bf16
-on this CPU), in fp32 it agreed with one process exactly (a manual run, ~14.8 GB with the save's
-pages); mpp-qwen7b-sft one step 627 s wall, 39 s of CPU, 10.4 GB, in fp32 (in bf16 it had not
-finished a step in 20 min).
+skipped, by name; and the Qwen-14B presets at 1 block (DEPTHS below).
+
+Measured here (2 cores; the first three on a machine at load average 5-13): the default part
+11 min; mpp-qwen7b-sft one step 627 s wall, 39 s of CPU, 10.4 GB, in fp32 (in bf16 it had not
+finished a step in 20 min); mpp-qwen2.5-0.5b / 1.5b 487 s / 706 s. Then on a quieter machine:
+mpp-qwen7b-pretrain one process 140 s and 14.2 GB peak RSS (on --resume, which counts the
+memory-mapped checkpoint's pages), its 2-stage fp32 run 73 s (21.0 GB summed over the ranks,
+each counting the mapped pages); minigpt4qwen 111 s and 59 s; mpp-qwen14b-pretrain and -sft at
+1 block 93 s and 56 s (15.8 GB, 10.6 GB). See the README's rehearsal table.
 """
 import importlib.util
 import json
