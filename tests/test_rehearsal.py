@@ -40,6 +40,8 @@ import torch
 
 import rehearse
 import train
+from data import LLM_TEMPLATES
+from model import MMConfig
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +50,9 @@ DEPTH = os.environ.get("NANOMPP_REHEARSAL_DEPTH", rehearse.DEFAULT_DEPTH)
 PUBLIC_PRESETS = [p for p in train.TRAIN_PRESETS if not p.startswith("toy")]
 # presets whose public files rehearse.py cannot write, and why (a new preset is rehearsed, or fails, by default)
 NOT_REHEARSED = {"minigpt4-vicuna7b-finetune": "Vicuna's sentencepiece tokenizer.model has no offline source here"}
+PROMPTS = {"chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<Img></Img> "
+                     "What is in the image?<|im_end|>\n<|im_start|>assistant\n",
+           "phi": "[INST] <Img></Img> What is in the image? [/INST]"}
 # Qwen-14B's stage 2 at 2 blocks needs 21.4 GB even with embeddings and lm_head frozen (over the budget:
 # its frozen parts would go to bf16, whose step outlasts 20 min on this CPU); at 1 block, 13.6 GB in fp32
 DEPTHS = {"mpp-qwen14b-pretrain": "llm:1,vit:4", "mpp-qwen14b-sft": "llm:1,vit:4"} if DEPTH == rehearse.DEFAULT_DEPTH else {}
@@ -173,7 +178,7 @@ def test_phi_rehearsal(phi):
     # agrees with one process, convert.py stages equals train.py's merge
     assert len(single["losses"]) == 2 and len(pp["losses"]) == 1
     assert single["freeze"] == ["vit", "qformer", "llm"] and single["trained_tensors"] == 4  # mlp2: 2 Linears
-    assert chat["prompt"] == "[INST] <Img></Img> What is in the image? [/INST]" and chat["images"] == 32
+    assert chat["prompt"] == PROMPTS["phi"] and chat["images"] == 32
     assert chat["finish"] == "stop" and "<|endoftext|>" not in chat["answer"]
     cfg = json.load(open(os.path.join(work, "checkpoints", "phi-2", "config.json")))
     assert (cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"], cfg["n_head"]) == (2560, 51200, 2, 32)
@@ -264,6 +269,11 @@ def test_public_preset(full_work, preset):
     depth = DEPTHS.get(preset, DEPTH)
     print(f"{preset}: depth {depth}" + (" (DEPTHS: named reduction)" if preset in DEPTHS else ""))
     report = rehearse.rehearse(preset, work, depth, log=print, done=done)[preset]
+    # the prompt in its LLM's published template (written out here, not rendered by data.py); the
+    # rigged head makes a stop token the first choice, so "stop" (not "length") shows the engine
+    # knows this LLM's stop tokens
+    template = LLM_TEMPLATES[MMConfig.preset(train.parse_args([f"--preset={preset}"]).model).llm_type]
+    assert report["chat"]["prompt"] == PROMPTS[template]
     assert report["chat"]["finish"] == "stop" and report["chat"]["images"] == 32
     for part, r in report.items():
         print(f"{preset} {part}: {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB")
