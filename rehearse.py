@@ -722,6 +722,7 @@ def snapshot(out_dir, dst):
     """Hard links to a run's latest files (the next save deletes the step directory)."""
     import ckpt
     src = ckpt.resolve(out_dir)
+    shutil.rmtree(dst, ignore_errors=True)  # a failed earlier rehearsal's
     os.makedirs(dst)
     for f in os.listdir(src):
         os.link(os.path.join(src, f), os.path.join(dst, f))
@@ -764,11 +765,15 @@ def rehearse(preset, work, depth=DEFAULT_DEPTH, seed=0, pipeline=True, log=print
     rep[f"1 process, {steps} step(s)"] = dict(seconds=s1 + s2, peak_gb=max(m1, m2), losses=losses(out),
                                               freeze=freeze, trained_tensors=len(trained), reduction=reduction)
     # both stages in fp32 and their save copies of the stage shards: about 8 bytes a parameter
-    # (mpp-qwen7b-pretrain: 14.8 GB measured); the preset's bf16 instead outlasted a 900 s exchange
-    # timeout on this CPU, so a pipeline that does not fit the budget in fp32 is skipped, by name
+    # (mpp-qwen7b-pretrain: 13.8 GiB; its peak RSS summed over the ranks was 21.0 GB, the checkpoint's
+    # mapped pages counted in each); the preset's bf16 instead outlasted a 900 s exchange timeout
+    # on this CPU, so a pipeline that does not fit the budget in fp32 is skipped, by name
     pp_gb = sum(t.numel() for t in a.values()) * 8 / 2 ** 30
-    if pipeline and pp_gb > budget_gb:
-        skipped = f"{preset} rehearsal: no pipeline run (2 stages in fp32 would need {pp_gb:.1f} GB, over {budget_gb:.0f} GB)"
+    blocks = len({k.split(".")[2] for k in a if k.startswith("llm.layers.")})
+    why = (f"2 stages in fp32 would need {pp_gb:.1f} GB, over {budget_gb:.0f} GB" if pp_gb > budget_gb else
+           f"{blocks} decoder block cannot fill 2 stages" if blocks < 2 else None)
+    if pipeline and why:
+        skipped = f"{preset} rehearsal: no pipeline run ({why})"
         log(skipped)
         rep["torchrun, 2 stages"] = dict(seconds=0.0, peak_gb=0.0, skipped=skipped)
         pipeline = False

@@ -19,12 +19,15 @@ of 1 sample (rehearse.train_cmd), --dtype=fp32 (this CPU has no native bf16: a b
 slower than fp32), a budget of 16 GB for any one run (rehearse.BUDGET_GB): a stage 2 that would not
 fit it (mpp-qwen7b-sft: 24.6 GB) gets embeddings and lm_head frozen, in fp32 if that fits (10.7 GB),
 and no pipeline run (rehearse.reduce_stage, printed); a 2-stage run that would not fit in fp32 is
-skipped, by name; and the Qwen-14B presets at 1 block (DEPTHS below). Measured here (2 cores, load average 5-13, everything under nice 19): the default part
-11 min; mpp-qwen7b-pretrain one process 93 s and 10.2 GB peak RSS (14.1 GB on --resume, which counts
-the memory-mapped checkpoint's pages); its 2-stage run in bf16 outlasted even --timeout=900 (bf16
-on this CPU), in fp32 it agreed with one process exactly (a manual run, ~14.8 GB with the save's
-pages); mpp-qwen7b-sft one step 627 s wall, 39 s of CPU, 10.4 GB, in fp32 (in bf16 it had not
-finished a step in 20 min).
+skipped, by name; and the Qwen-14B presets at 1 block (DEPTHS below).
+
+Measured here (2 cores; the first three on a machine at load average 5-13): the default part
+11 min; mpp-qwen7b-sft one step 627 s wall, 39 s of CPU, 10.4 GB, in fp32 (in bf16 it had not
+finished a step in 20 min); mpp-qwen2.5-0.5b / 1.5b 487 s / 706 s. Then on a quieter machine:
+mpp-qwen7b-pretrain one process 140 s and 14.2 GB peak RSS (on --resume, which counts the
+memory-mapped checkpoint's pages), its 2-stage fp32 run 73 s (21.0 GB summed over the ranks,
+each counting the mapped pages); minigpt4qwen 111 s and 59 s; mpp-qwen14b-pretrain and -sft at
+1 block 93 s and 56 s (15.8 GB, 10.6 GB). See the README's rehearsal table.
 """
 import importlib.util
 import json
@@ -39,13 +42,22 @@ import torch
 
 import rehearse
 import train
-from data import TEMPLATES
+from data import LLM_TEMPLATES
+from model import MMConfig
 from tokenizer import SentencePieceTokenizer, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = os.environ.get("NANOMPP_REHEARSAL") == "full"
 DEPTH = os.environ.get("NANOMPP_REHEARSAL_DEPTH", rehearse.DEFAULT_DEPTH)
 PUBLIC_PRESETS = [p for p in train.TRAIN_PRESETS if not p.startswith("toy")]
+PROMPTS = {"chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<Img></Img> "
+                     "What is in the image?<|im_end|>\n<|im_start|>assistant\n",
+           "phi": "[INST] <Img></Img> What is in the image? [/INST]",
+           # MiniGPT-4's CONV_VISION after <s>; the space in "<Img> </Img>": each text piece between
+           # specials gets its own sentencepiece dummy prefix
+           "minigpt4": "<s> Give the following image: <Img>ImageContent</Img>. You will be able to see the image "
+                       "once I provide it to you. Please answer my questions.###Human: <Img> </Img> What is in the "
+                       "image?###Assistant:"}
 # Qwen-14B's stage 2 at 2 blocks needs 21.4 GB even with embeddings and lm_head frozen (over the budget:
 # its frozen parts would go to bf16, whose step outlasts 20 min on this CPU); at 1 block, 13.6 GB in fp32
 DEPTHS = {"mpp-qwen14b-pretrain": "llm:1,vit:4", "mpp-qwen14b-sft": "llm:1,vit:4"} if DEPTH == rehearse.DEFAULT_DEPTH else {}
@@ -186,7 +198,7 @@ def test_phi_rehearsal(phi):
     # agrees with one process, convert.py stages equals train.py's merge
     assert len(single["losses"]) == 2 and len(pp["losses"]) == 1
     assert single["freeze"] == ["vit", "qformer", "llm"] and single["trained_tensors"] == 4  # mlp2: 2 Linears
-    assert chat["prompt"] == "[INST] <Img></Img> What is in the image? [/INST]" and chat["images"] == 32
+    assert chat["prompt"] == PROMPTS["phi"] and chat["images"] == 32
     assert chat["finish"] == "stop" and "<|endoftext|>" not in chat["answer"]
     cfg = json.load(open(os.path.join(work, "checkpoints", "phi-2", "config.json")))
     assert (cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"], cfg["n_head"]) == (2560, 51200, 2, 32)
@@ -275,9 +287,11 @@ def test_public_preset(full_work, preset):
     depth = DEPTHS.get(preset, DEPTH)
     print(f"{preset}: depth {depth}" + (" (DEPTHS: named reduction)" if preset in DEPTHS else ""))
     report = rehearse.rehearse(preset, work, depth, log=print, done=done)[preset]
+    # the prompt in its LLM's published template (written out here, not rendered by data.py); the
+    # rigged head makes a stop token the first choice, so "stop" (not "length") shows the engine
+    # knows this LLM's stop tokens
+    template = LLM_TEMPLATES[MMConfig.preset(train.parse_args([f"--preset={preset}"]).model).llm_type]
+    assert report["chat"]["prompt"] == PROMPTS[template]
     assert report["chat"]["finish"] == "stop" and report["chat"]["images"] == 32
-    if train.parse_args([f"--preset={preset}"]).model == "minigpt4-vicuna7b":  # MiniGPT-4's template, images left out
-        assert report["chat"]["prompt"] == (f"<s> {TEMPLATES['minigpt4']['system']}###Human: <Img> </Img> "
-                                            "What is in the image?###Assistant:")
     for part, r in report.items():
         print(f"{preset} {part}: {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB")
