@@ -188,7 +188,8 @@ def phi(tmp_path_factory):
     """The work directory after `python rehearse.py --preset=tinygptv-phi2`, and its report."""
     work = str(tmp_path_factory.mktemp("rehearse"))
     report = rehearse.rehearse("tinygptv-phi2", work, rehearse.DEFAULT_DEPTH, log=print)
-    return work, report["tinygptv-phi2"]
+    yield work, report["tinygptv-phi2"]
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def test_phi_rehearsal(phi):
@@ -277,7 +278,9 @@ def test_two_nodes_on_one_machine(tmp_path):
 
 @pytest.fixture(scope="module")
 def full_work(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("rehearse-full")), {}
+    work = str(tmp_path_factory.mktemp("rehearse-full"))
+    yield work, {}
+    shutil.rmtree(work, ignore_errors=True)  # tens of GB: pytest would keep it with its last 3 runs
 
 
 @pytest.mark.skipif(not FULL, reason="opt-in: NANOMPP_REHEARSAL=full (Qwen-7B-sized files, ~GBs of RAM and disk)")
