@@ -96,7 +96,9 @@ def run_lesson(path, workdir=None, log=print, show=False):
                 os.symlink(os.path.join(ROOT, f), os.path.join(workdir, f))
         os.chdir(workdir)
     sys.path.insert(0, ROOT)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           # a lesson's `python` is this interpreter (its venv), activated or not
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     namespace = {"__name__": "__lesson__"}
     last = None  # (where, stdout) of the last executed block
     t0 = time.time()
