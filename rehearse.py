@@ -385,6 +385,14 @@ def write_phi2(d, depth, seed):
     write_bpe_tokenizer(d, ranks, added, "CodeGenTokenizer")
 
 
+# LLaMA's sentencepiece training options (its tokenizer.model's trainer_spec): BPE, byte fallback,
+# digits split, no normalisation, whitespace kept, a dummy prefix, <unk> <s> </s> at 0 1 2
+LLAMA_SPM_OPTIONS = dict(model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+                         remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
+                         character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+                         minloglevel=2)
+
+
 def llama_tokenizer_model(seed, n=32000):
     """The bytes of a sentencepiece tokenizer.model with LLaMA-7B's size and id layout: <unk> 0, <s> 1,
     </s> 2, the byte pieces <0x00>..<0xFF> at 3..258, then BPE pieces, 32,000 in all. LLaMA's own
@@ -404,11 +412,8 @@ def llama_tokenizer_model(seed, n=32000):
     text += [TEMPLATES["minigpt4"]["system"] + "###Human: <Img><ImageHere></Img> What is in the image?"
              "###Assistant: A picture of noise. ###"] * 200
     out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=out, model_type="bpe", vocab_size=n, byte_fallback=True,
-        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", add_dummy_prefix=True, character_coverage=0.99995,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=out, vocab_size=n,
+                                   **{**LLAMA_SPM_OPTIONS, "character_coverage": 0.99995})
     return out.getvalue()
 
 
@@ -731,6 +736,7 @@ def snapshot(out_dir, dst):
 
 def rehearse(preset, work, depth=DEFAULT_DEPTH, seed=0, pipeline=True, log=print, done=None, budget_gb=BUDGET_GB):
     """Rehearse `preset` in `work` (and first the run its --init names); returns {part: numbers}."""
+    import ckpt
     import train
     cfg = train.parse_args([f"--preset={preset}"])
     done = {} if done is None else done
@@ -769,7 +775,7 @@ def rehearse(preset, work, depth=DEFAULT_DEPTH, seed=0, pipeline=True, log=print
     # mapped pages counted in each); the preset's bf16 instead outlasted a 900 s exchange timeout
     # on this CPU, so a pipeline that does not fit the budget in fp32 is skipped, by name
     pp_gb = sum(t.numel() for t in a.values()) * 8 / 2 ** 30
-    blocks = len({k.split(".")[2] for k in a if k.startswith("llm.layers.")})
+    blocks = ckpt.load_config(first)["model"]["llm"]["n_layer"]
     why = (f"2 stages in fp32 would need {pp_gb:.1f} GB, over {budget_gb:.0f} GB" if pp_gb > budget_gb else
            f"{blocks} decoder block cannot fill 2 stages" if blocks < 2 else None)
     if pipeline and why:

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
 import ckpt  # noqa: E402
+import rehearse  # noqa: E402
 import train  # noqa: E402
 from conftest import LAYOUTS, V, blip2_batch, check_parity, randomize, save_hf  # noqa: E402
 from convert import (convert_blip2_hf, convert_llama, convert_minigpt4, llm_from_hf,  # noqa: E402
@@ -48,11 +49,8 @@ def spdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama_tok")
     out = io.BytesIO()
     text = CORPUS * 20 + [c.lower() for c in CORPUS] * 5 + [c.upper() for c in CORPUS] * 5
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=out, model_type="bpe", vocab_size=1000, hard_vocab_limit=False,
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", add_dummy_prefix=True, character_coverage=0.9995,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=out, vocab_size=1000,
+                                   hard_vocab_limit=False, **rehearse.LLAMA_SPM_OPTIONS)
     (d / "tokenizer.model").write_bytes(out.getvalue())
     return d
 
