@@ -382,12 +382,10 @@ def datasets(cfg, tok=None, config=None, pixels=True):
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Step number -> that step's microbatches. Each data-parallel rank owns a fixed shard of the
-    rows (a seeded split), so an in-memory Cached dataset decodes each image once per run, not
-    again whenever a row moves to another rank; each epoch is a permutation of the rank's shard
-    keyed by (seed, phase, epoch, rank), so the data position is just the step number. The first
-    curriculum_iters steps draw only from curriculum_tasks' rows (a warm-up on easy questions);
-    after it, from every row plus the oversample tasks' rows once more.
+    """Step number -> that step's microbatches: each epoch is a DistributedSampler permutation
+    (keyed by seed, epoch and DP rank, drawn once per epoch), so the data position is just the
+    step number. The first curriculum_iters steps draw only from curriculum_tasks' rows (a warm-up
+    on easy questions); after it, from every row plus the oversample tasks' rows once more.
     A map-style dataset, so that DataLoader workers can build the next steps while this one trains."""
 
     def __init__(self, cfg, ds, pad_id, dp_rank, dp_size):
@@ -395,9 +393,7 @@ class StepBatches(torch.utils.data.Dataset):
         rows = getattr(ds, "ds", ds)  # the VLDataset, also under Cached
         def pool(names):  # a task named k times has its rows in the pool k times
             return [i for name in names.split(",") if name for i in rows.rows_with_task([name])]
-        owner = (torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed)) % dp_size).tolist()
-        mine = lambda idx: [i for i in idx if owner[i] == dp_rank]
-        self.easy, self.everything = mine(pool(cfg.curriculum_tasks)), mine(list(range(len(ds))) + pool(cfg.oversample))
+        self.easy, self.everything = pool(cfg.curriculum_tasks), list(range(len(ds))) + pool(cfg.oversample)
         if cfg.curriculum_iters > 0 and not self.easy:
             raise ValueError(f"no training row has a task in curriculum_tasks={cfg.curriculum_tasks!r} "
                              f"(rows name it in a 'task' field); set --curriculum_iters=0 for data without tasks")
@@ -410,14 +406,15 @@ class StepBatches(torch.utils.data.Dataset):
     def rows(self, step):
         cfg, warm = self.cfg, step < self.cfg.curriculum_iters
         start, pool = (0, self.easy) if warm else (cfg.curriculum_iters, self.everything)
-        per_epoch = len(pool) // self.per_step
+        sampler = torch.utils.data.DistributedSampler(pool, self.dp_size, self.dp_rank, shuffle=True, seed=cfg.seed,
+                                                      drop_last=True)
+        per_epoch = len(sampler) // self.per_step
         if per_epoch == 0:
-            raise ValueError(f"{len(pool)} training samples on data-parallel rank {self.dp_rank} of {self.dp_size} "
-                             f"are fewer than one step needs ({self.per_step} a rank)")
+            raise ValueError(f"{len(pool)} training samples are fewer than one step needs ({self.per_step * self.dp_size})")
         epoch, k = divmod(step - start, per_epoch)
         if self.epoch[0] != (warm, epoch):
-            g = torch.Generator().manual_seed(hash((cfg.seed, warm, epoch, self.dp_rank)) % 2 ** 63)
-            self.epoch = ((warm, epoch), [pool[j] for j in torch.randperm(len(pool), generator=g)])
+            sampler.set_epoch(epoch)
+            self.epoch = ((warm, epoch), [pool[j] for j in sampler])
         return self.epoch[1][k * self.per_step:(k + 1) * self.per_step]
 
     def __getitem__(self, step):

@@ -459,23 +459,3 @@ def test_a_task_named_twice_has_its_rows_twice_in_the_warm_up_and_after_it():
     drawn = Counter(tasks[i] for s in range(3, 3 + 14) for i in steps.rows(s))  # one epoch: 56 rows
     assert drawn == {"compare": 24, "position": 16, "count": 8, "colour": 8}
 
-
-def test_data_parallel_ranks_draw_from_fixed_disjoint_shards_that_cover_the_rows():
-    """Each rank owns a fixed shard of the rows, so Cached decodes each image once per run: over
-    several epochs the two ranks' rows never meet, together they are every row, and each epoch is a
-    new order of the rank's whole shard."""
-    class Rows:
-        def __len__(self):
-            return 40
-
-        def rows_with_task(self, names):
-            return []
-    cfg = train.parse_args(["--curriculum_iters=0", "--oversample=", "--batch_size=4", "--max_iters=40"])
-    ranks = [train.StepBatches(cfg, Rows(), 0, r, 2) for r in range(2)]
-    drawn = [{i for s in range(40) for i in steps.rows(s)} for steps in ranks]  # 8 epochs of 5 steps
-    assert not drawn[0] & drawn[1] and drawn[0] | drawn[1] == set(range(40))
-    epochs = [[i for s in range(e * 5, e * 5 + 5) for i in ranks[0].rows(s)] for e in range(3)]
-    assert all(sorted(e) == sorted(drawn[0]) for e in epochs) and epochs[0] != epochs[1] != epochs[2]
-    with pytest.raises(ValueError, match=r"^20 training samples on data-parallel rank 1 of 2 are fewer than one step "
-                                         r"needs \(24 a rank\)$"):
-        train.StepBatches(train.parse_args(["--curriculum_iters=0", "--batch_size=24"]), Rows(), 0, 1, 2).rows(0)
