@@ -38,6 +38,7 @@ from model import IGNORE
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's (CLIP's) normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
+_MEAN, _STD = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
 MAX_IMAGE_PIXELS = 64_000_000  # ~8000x8000; bigger files are refused before any decoding
 IMAGE_TOKEN = "<|extra_0|>"
 SYSTEM = "You are a helpful assistant."
@@ -148,7 +149,7 @@ def preprocess(img, size, train=False, generator=None):
     if train and torch.rand((), generator=generator).item() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return (x - _MEAN) / _STD
 
 # --- videos -------------------------------------------------------------------------------------
 

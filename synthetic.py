@@ -24,6 +24,7 @@ is built from them, so a second call returns at once.
     python synthetic.py [root]      # generate (or find) the default dataset and print its summary
 """
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -47,7 +48,7 @@ QUESTIONS = {
     "compare": "are the two shapes the same colour?",
     "video": "which way does the shape move?",
 }
-VERSION = 2  # bump when the generator changes, so stale caches are not reused
+VERSION = 3  # bump when the generator changes, so stale caches are not reused
 
 
 def draw_shape(draw, shape, colour, cx, cy, r):
@@ -136,7 +137,6 @@ def _one_shape(task):
 def _multiturn(rng, ctx):
     """Two questions about one image; the last answer is scored."""
     size, colour, shape = ctx["size"], ctx["colour"], ctx["shape"]
-    one_shape_image(rng, size, shape, colour)  # an unused draw, kept so that cached datasets stay valid
     where = rng.choice(POSITIONS)
     img = one_shape_image(rng, size, shape, colour, *position_xy(rng, size, where))
     asked = rng.sample(["colour", "shape", "position"], 2)
@@ -190,6 +190,12 @@ def make_row(rng, task, i, root, size, n_frames):
     return row
 
 
+def _make_row(job):
+    """make_row with an rng seeded by the row's own key: rows come out the same in any process."""
+    key, *args = job
+    return make_row(random.Random(key), *args)
+
+
 def final_answer(row):
     out = row["output"]
     return out[-1] if isinstance(out, list) else out
@@ -224,22 +230,21 @@ def make_synthetic(root="data/synthetic", seed=0, n_train=7000, n_val=800, image
         tmp = f"{out}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        rng = random.Random(seed)
         splits, train_cycle = {}, TASKS + ["count"] * (count_share - 1)
-        for split, n, cycle in (("train", n_train, train_cycle), ("val", n_val, TASKS)):
-            # Tasks take turns in the cycle's order; the rng makes the content.
-            rows = [make_row(rng, cycle[i % len(cycle)], i, tmp, image_size, n_frames) for i in range(n)]
-            for row in rows:
-                for k in ("image", "video"):
-                    if k in row:  # make names unique across splits
-                        row[k] = [f"{split}/{p}" for p in row[k]] if isinstance(row[k], list) else f"{split}/{row[k]}"
-            os.makedirs(os.path.join(tmp, split))
-            for name in os.listdir(tmp):
-                if name.endswith((".png", ".mkv")):
-                    os.replace(os.path.join(tmp, name), os.path.join(tmp, split, name))
-            with open(os.path.join(tmp, f"{split}.json"), "w") as f:
-                json.dump(rows, f, indent=0)
-            splits[split] = rows
+        with multiprocessing.Pool(min(os.cpu_count() or 1, 8)) as pool:  # rows in parallel, one per core
+            for split, n, cycle in (("train", n_train, train_cycle), ("val", n_val, TASKS)):
+                # Tasks take turns in the cycle's order; each row's own rng makes its content.
+                os.makedirs(os.path.join(tmp, split))
+                jobs = [(f"{seed}/{split}/{i}", cycle[i % len(cycle)], i, os.path.join(tmp, split), image_size, n_frames)
+                        for i in range(n)]
+                rows = pool.map(_make_row, jobs, chunksize=64)
+                for row in rows:
+                    for k in ("image", "video"):
+                        if k in row:  # paths relative to the dataset's root
+                            row[k] = [f"{split}/{p}" for p in row[k]] if isinstance(row[k], list) else f"{split}/{row[k]}"
+                with open(os.path.join(tmp, f"{split}.json"), "w") as f:
+                    json.dump(rows, f, indent=0)
+                splits[split] = rows
         meta = dict(words=corpus_words(splits["train"] + splits["val"]), chance=chance_levels(splits["val"]),
                     seed=seed, n_train=n_train, n_val=n_val, image_size=image_size, n_frames=n_frames,
                     count_share=count_share)

@@ -5,7 +5,7 @@ With no arguments it trains the toy model (the real architecture at tiny sizes) 
 the built-in synthetic dataset on the CPU, evaluates held-out exact-match accuracy per task and
 writes a checkpoint to out/toy/ where `python chat.py` finds it.
 
-    python train.py                                    # the toy: 2 processes x 16 rows, ~7 min on 2 cores
+    python train.py                                    # the toy: 2 processes x 16 rows, ~7.5 min on 2 cores
     python train.py --cpu_processes=1 --batch_size=32  # the same rows per step in 1 process
     python train.py --preset=toy-long                  # 10,000 steps
     python train.py --max_iters=2000 --batch_size=8    # any Config field as --key=value
@@ -65,8 +65,8 @@ class Config:
     val_data: str = ""
     image_root: str = ""
     synthetic_root: str = "data/synthetic"
-    n_train: int = 36000
-    count_share: int = 3         # synthetic count rows per row of each other task: counting generalises
+    n_train: int = 39600
+    count_share: int = 4         # synthetic count rows per row of each other task: counting generalises
                                  # slowest (the toy memorises a few thousand count images within two
                                  # epochs: training loss near 0, held-out accuracy near 90%)
     n_val: int = 800
@@ -78,7 +78,7 @@ class Config:
     # from every row plus the rows of oversample; a task named k times has its rows there k times.
     curriculum_tasks: str = "count,position,position,shape,shape,caption"
     curriculum_iters: int = 800  # steps of warm-up
-    oversample: str = "compare,compare,position"  # after the warm-up: compare 3x, position 2x
+    oversample: str = "compare,compare,position,shape"  # after the warm-up: compare 3x, position and shape 2x
     # model: 'toy' (built here) or an MM_PRESETS name; weights from convert.py output
     model: str = "toy"
     init: str = ""               # one of our multimodal checkpoints (e.g. a pretrain run's out_dir)

@@ -458,3 +458,4 @@ def test_a_task_named_twice_has_its_rows_twice_in_the_warm_up_and_after_it():
     assert {tasks[i] for s in range(3) for i in steps.rows(s)} <= {"count", "colour"}  # the warm-up
     drawn = Counter(tasks[i] for s in range(3, 3 + 14) for i in steps.rows(s))  # one epoch: 56 rows
     assert drawn == {"compare": 24, "position": 16, "count": 8, "colour": 8}
+
