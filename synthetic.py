@@ -23,6 +23,7 @@ is built from them, so a second call returns at once.
 
     python synthetic.py [root]      # generate (or find) the default dataset and print its summary
 """
+import fcntl
 import json
 import multiprocessing
 import os
@@ -226,38 +227,48 @@ def make_synthetic(root="data/synthetic", seed=0, n_train=7000, n_val=800, image
     key = f"v{VERSION}_seed{seed}_train{n_train}_val{n_val}_img{image_size}_frames{n_frames}_count{count_share}"
     out = os.path.join(root, key)
     meta_path = os.path.join(out, "meta.json")
-    if not os.path.exists(meta_path):
-        tmp = f"{out}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        splits, train_cycle = {}, TASKS + ["count"] * (count_share - 1)
-        with multiprocessing.Pool(min(os.cpu_count() or 1, 8)) as pool:  # rows in parallel, one per core
-            for split, n, cycle in (("train", n_train, train_cycle), ("val", n_val, TASKS)):
-                # Tasks take turns in the cycle's order; each row's own rng makes its content.
-                os.makedirs(os.path.join(tmp, split))
-                jobs = [(f"{seed}/{split}/{i}", cycle[i % len(cycle)], i, os.path.join(tmp, split), image_size, n_frames)
-                        for i in range(n)]
-                rows = pool.map(_make_row, jobs, chunksize=64)
-                for row in rows:
-                    for k in ("image", "video"):
-                        if k in row:  # paths relative to the dataset's root
-                            row[k] = [f"{split}/{p}" for p in row[k]] if isinstance(row[k], list) else f"{split}/{row[k]}"
-                with open(os.path.join(tmp, f"{split}.json"), "w") as f:
-                    json.dump(rows, f, indent=0)
-                splits[split] = rows
-        meta = dict(words=corpus_words(splits["train"] + splits["val"]), chance=chance_levels(splits["val"]),
-                    seed=seed, n_train=n_train, n_val=n_val, image_size=image_size, n_frames=n_frames,
-                    count_share=count_share)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        try:
-            os.replace(tmp, out)  # atomic: a half-written dataset is never seen as cached
-        except OSError:  # another process finished first: use its copy
-            shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(root, exist_ok=True)
+    with open(f"{out}.lock", "w") as lock:
+        # The first process to miss draws the data; the others (the ranks of one machine) wait for it,
+        # then read its copy (every rank drawing it at once would multiply the work by the ranks).
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not os.path.exists(meta_path):
+            _draw(out, seed, n_train, n_val, image_size, n_frames, count_share)
     with open(meta_path) as f:
         meta = json.load(f)
     return dict(train=os.path.join(out, "train.json"), val=os.path.join(out, "val.json"), image_root=out,
                 words=meta["words"], chance=meta["chance"])
+
+
+def _draw(out, seed, n_train, n_val, image_size, n_frames, count_share):
+    """Write the dataset to the directory `out`, atomically: a half-written one is never seen."""
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    splits, train_cycle = {}, TASKS + ["count"] * (count_share - 1)
+    with multiprocessing.Pool(min(os.cpu_count() or 1, 8)) as pool:  # rows in parallel, one per core
+        for split, n, cycle in (("train", n_train, train_cycle), ("val", n_val, TASKS)):
+            # Tasks take turns in the cycle's order; each row's own rng makes its content.
+            os.makedirs(os.path.join(tmp, split))
+            jobs = [(f"{seed}/{split}/{i}", cycle[i % len(cycle)], i, os.path.join(tmp, split), image_size, n_frames)
+                    for i in range(n)]
+            rows = pool.map(_make_row, jobs, chunksize=64)
+            for row in rows:
+                for k in ("image", "video"):
+                    if k in row:  # paths relative to the dataset's root
+                        row[k] = [f"{split}/{p}" for p in row[k]] if isinstance(row[k], list) else f"{split}/{row[k]}"
+            with open(os.path.join(tmp, f"{split}.json"), "w") as f:
+                json.dump(rows, f, indent=0)
+            splits[split] = rows
+    meta = dict(words=corpus_words(splits["train"] + splits["val"]), chance=chance_levels(splits["val"]),
+                seed=seed, n_train=n_train, n_val=n_val, image_size=image_size, n_frames=n_frames,
+                count_share=count_share)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    try:
+        os.replace(tmp, out)  # atomic: a half-written dataset is never seen as cached
+    except OSError:  # another machine sharing the folder finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

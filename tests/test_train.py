@@ -440,6 +440,24 @@ def test_synthetic_training_split_triples_count_and_held_out_split_is_even(tmp_p
     assert tasks["val"] == {t: 2 for t in TASKS}
 
 
+DRAW = """import json, sys, synthetic
+drew, draw = [], synthetic._draw
+synthetic._draw = lambda *a: drew.append(1) or draw(*a)
+d = synthetic.make_synthetic(sys.argv[1], n_train=2000, n_val=16, image_size=8)
+print(json.dumps(dict(drew=bool(drew), rows=open(d["train"]).read())))"""
+
+
+def test_two_processes_starting_together_draw_the_synthetic_data_once(tmp_path):
+    """The ranks of `python train.py` start together: one draws the data, the other waits for it."""
+    run = lambda: subprocess.Popen([sys.executable, "-c", DRAW, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                                   text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    procs = [run(), run()]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sorted(o["drew"] for o in outs) == [False, True] and outs[0]["rows"] == outs[1]["rows"]
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # no half-drawn copy left behind
+
+
 def test_a_task_named_twice_has_its_rows_twice_in_the_warm_up_and_after_it():
     from collections import Counter
     tasks = ["compare", "position", "count", "colour"] * 8
