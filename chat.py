@@ -28,11 +28,11 @@ import ckpt
 import plan
 import quant
 from data import IMAGE_HERE, IMAGE_TOKEN, LLM_TEMPLATES, TEMPLATES, encode_conversation, load_image, load_video, preprocess
+from formats import VIDEO_EXTS
 from model import MMConfig, MultimodalLM
 from tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CKPT = os.path.join("out", "toy")  # where the default `python train.py` writes
-VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 # --dtype -> the dtype the checkpoint is loaded in; int8 then quantises the LLM's Linears (quant.py)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 

@@ -36,7 +36,7 @@ import zlib
 
 IMAGE_PLACEHOLDER = "<Img><ImageHere></Img>"
 IMAGE_HERE = "<ImageHere>"
-VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov")  # VideoInstruct-100K ships .mp4 and .mkv
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")  # VideoInstruct-100K ships .mp4 and .mkv
 SUPPORTED = ("supported: LLaVA / Qwen-VL 'conversations', MiniGPT4Qwen 'instruction' + 'output', "
              "Video-ChatGPT 'video_id' + 'q' + 'a', MiniGPT-4 'image_id' + 'caption'")
 # MiniGPT-4's stage-2 prompts (prompts/alignment.txt), which it draws at random for each caption

@@ -426,7 +426,8 @@ QWEN_PRESETS = {
     "qwen2.5-1.5b": dict(n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, intermediate_size=8960),
     "qwen2.5-7b": dict(vocab_size=152064, n_layer=28, n_head=28, n_kv_head=4, n_embd=3584,
                        intermediate_size=18944, tie_embeddings=False),
-    # LLaMA-7B / -13B shapes (Vicuna v0, MiniGPT-4's LLM): 32000 sentencepiece tokens, 2048 positions
+    # LLaMA-7B / -13B shapes (Vicuna v1.1+, MiniGPT-4's LLM): 32000 sentencepiece tokens, 2048 positions
+    # (the Vicuna v0 delta has 32001 rows, FastChat's pad token; convert.py reads the size from config.json)
     "vicuna-7b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_head=32, n_embd=4096, intermediate_size=11008),
     "vicuna-13b": dict(_LLAMA, n_layer=40, n_head=40, n_kv_head=40, n_embd=5120, intermediate_size=13824),
     "tiny": dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128,

@@ -47,6 +47,8 @@ import time
 import torch
 from safetensors.torch import save_file
 
+import ckpt
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DEPTH = "llm:2,vit:4"
 MAX_LEN = 96      # the rehearsal's --max_len: 32 image tokens + the template + a short answer
@@ -593,7 +595,6 @@ def train_cmd(preset, stages, extra=(), dtype="fp32"):
 
 
 def load_state(d):
-    import ckpt
     return ckpt.load(d)[0]
 
 
@@ -613,7 +614,6 @@ def initial_state(work, cfg):
 
 def trained_keys(out_dir):
     """The parameter names the run trained: everything outside the frozen parts (its config)."""
-    import ckpt
     from model import MultimodalLM
     model, _ = MultimodalLM.from_checkpoint(out_dir, lazy=True)
     return {n for n, p in model.named_parameters() if p.requires_grad}, ckpt.load_config(out_dir)["model"]["freeze"]
@@ -700,7 +700,6 @@ def reduce_stage(cfg, work, budget_gb=BUDGET_GB):
     in fp32 if that fits, else with the frozen parts in bf16, the preset's own dtypes (bf16 autocast
     is ~35x slower than fp32 on a CPU without native bf16: a Qwen-7B sft step took over 20 min);
     the 2-stage pipeline run is skipped (its stages' save copies would add their weights again)."""
-    import ckpt
     import train
     from model import frozen_parts
     freeze = frozen_parts(train.freeze_arg(cfg.freeze) if cfg.freeze else ())
@@ -725,7 +724,6 @@ def reduce_stage(cfg, work, budget_gb=BUDGET_GB):
 
 def snapshot(out_dir, dst):
     """Hard links to a run's latest files (the next save deletes the step directory)."""
-    import ckpt
     src = ckpt.resolve(out_dir)
     shutil.rmtree(dst, ignore_errors=True)  # a failed earlier rehearsal's
     os.makedirs(dst)
@@ -736,7 +734,6 @@ def snapshot(out_dir, dst):
 
 def rehearse(preset, work, depth=DEFAULT_DEPTH, seed=0, pipeline=True, log=print, done=None, budget_gb=BUDGET_GB):
     """Rehearse `preset` in `work` (and first the run its --init names); returns {part: numbers}."""
-    import ckpt
     import train
     cfg = train.parse_args([f"--preset={preset}"])
     done = {} if done is None else done

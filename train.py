@@ -381,11 +381,27 @@ def datasets(cfg, tok=None, config=None, pixels=True):
     return (train if cfg.augment else Cached(train)), val, chance
 
 
+def deal(rows, n_ranks, per_rank):
+    """Split a step's rows into n_ranks hands of per_rank: row i goes to rank i % n_ranks while
+    that rank has room, the rest in order to the ranks with room. So a row mostly comes back to
+    the rank that decoded it before, whose Cached copy still holds its pixels (an interleaved
+    split sends it to either rank and the other one decodes it again)."""
+    hands, rest = [[] for _ in range(n_ranks)], []
+    for i in rows:
+        (hands[i % n_ranks] if len(hands[i % n_ranks]) < per_rank else rest).append(i)
+    for hand in hands:
+        take = per_rank - len(hand)
+        hand += rest[:take]
+        del rest[:take]
+    return hands
+
+
 class StepBatches(torch.utils.data.Dataset):
-    """Step number -> that step's microbatches: each epoch is a DistributedSampler permutation
-    (keyed by seed, epoch and DP rank, drawn once per epoch), so the data position is just the
-    step number. The first curriculum_iters steps draw only from curriculum_tasks' rows (a warm-up
-    on easy questions); after it, from every row plus the oversample tasks' rows once more.
+    """Step number -> this rank's microbatches of that step. Each epoch is one seeded permutation
+    of the pool (drawn once per epoch), so the data position is just the step number, and a step
+    holds the rows a one-process run of the whole batch draws, dealt to the ranks (deal). The
+    first curriculum_iters steps draw only from curriculum_tasks' rows (a warm-up on easy
+    questions); after it, from every row plus the oversample tasks' rows once more.
     A map-style dataset, so that DataLoader workers can build the next steps while this one trains."""
 
     def __init__(self, cfg, ds, pad_id, dp_rank, dp_size):
@@ -406,16 +422,15 @@ class StepBatches(torch.utils.data.Dataset):
     def rows(self, step):
         cfg, warm = self.cfg, step < self.cfg.curriculum_iters
         start, pool = (0, self.easy) if warm else (cfg.curriculum_iters, self.everything)
-        sampler = torch.utils.data.DistributedSampler(pool, self.dp_size, self.dp_rank, shuffle=True, seed=cfg.seed,
-                                                      drop_last=True)
-        per_epoch = len(sampler) // self.per_step
+        n = self.per_step * self.dp_size  # the step's rows, all ranks
+        per_epoch = len(pool) // n
         if per_epoch == 0:
-            raise ValueError(f"{len(pool)} training samples are fewer than one step needs ({self.per_step * self.dp_size})")
+            raise ValueError(f"{len(pool)} training samples are fewer than one step needs ({n})")
         epoch, k = divmod(step - start, per_epoch)
         if self.epoch[0] != (warm, epoch):
-            sampler.set_epoch(epoch)
-            self.epoch = ((warm, epoch), [pool[j] for j in sampler])
-        return self.epoch[1][k * self.per_step:(k + 1) * self.per_step]
+            g = torch.Generator().manual_seed(cfg.seed + epoch)  # DistributedSampler's permutation
+            self.epoch = ((warm, epoch), [pool[j] for j in torch.randperm(len(pool), generator=g).tolist()])
+        return deal(self.epoch[1][k * n:(k + 1) * n], self.dp_size, self.per_step)[self.dp_rank]
 
     def __getitem__(self, step):
         idx, b = self.rows(step), self.cfg.batch_size

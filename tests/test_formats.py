@@ -174,8 +174,8 @@ BAD = [
     ({"id": "2", "text": "a cat"}, "unknown row layout with keys ['id', 'text'] (supported: LLaVA / Qwen-VL "
      "'conversations', MiniGPT4Qwen 'instruction' + 'output', Video-ChatGPT 'video_id' + 'q' + 'a', MiniGPT-4 'image_id' + 'caption')"),
     ({"video_id": "v_1", "q": "what?"}, "missing key 'a' (Video-ChatGPT rows need 'video_id', 'q' and 'a')"),
-    ({"video_id": "v_none", "q": "q", "a": "a"}, "video file not found: {root}/v_none{{.mp4,.mkv,.webm,.avi,.mov}}"),
-    (dict(VCG_TRAIN, video="v_none.pkl"), "video file not found: {root}/v_none{{.mp4,.mkv,.webm,.avi,.mov}}"),
+    ({"video_id": "v_none", "q": "q", "a": "a"}, "video file not found: {root}/v_none{{.mp4,.mkv,.webm,.avi,.mov,.m4v}}"),
+    (dict(VCG_TRAIN, video="v_none.pkl"), "video file not found: {root}/v_none{{.mp4,.mkv,.webm,.avi,.mov,.m4v}}"),
     ({"conversations": [{"from": "user", "value": "Picture 1: <img>https://x.cn/demo.jpeg</img>\nq"},
                         {"from": "assistant", "value": "a"}]},
      "remote image 'https://x.cn/demo.jpeg': download it and give a path under image_root"),

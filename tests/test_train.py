@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -456,6 +457,33 @@ def test_two_processes_starting_together_draw_the_synthetic_data_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     assert sorted(o["drew"] for o in outs) == [False, True] and outs[0]["rows"] == outs[1]["rows"]
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # no half-drawn copy left behind
+
+
+def test_data_parallel_ranks_share_out_the_rows_one_process_draws_and_keep_their_own():
+    """Each step, the ranks' rows together are the rows a one-process run of the whole batch draws;
+    a row goes back to its own rank (row % ranks) unless that rank's hand is full."""
+    tasks = ["count", "colour", "shape"] * 100
+
+    class Rows:
+        def __len__(self):
+            return len(tasks)
+
+        def rows_with_task(self, names):
+            return [i for i, t in enumerate(tasks) if t in names]
+    for ranks in (2, 3):
+        cfg = train.parse_args(["--curriculum_tasks=count,colour", "--curriculum_iters=4", "--oversample=shape",
+                                f"--batch_size={12 // ranks}", "--grad_accum=2", "--max_iters=60"])
+        one = train.StepBatches(replace(cfg, batch_size=12, grad_accum=2), Rows(), 0, 0, 1)
+        split = [train.StepBatches(cfg, Rows(), 0, r, ranks) for r in range(ranks)]
+        owned = 0
+        for step in range(60):  # the warm-up, then epochs of the whole pool
+            hands = [s.rows(step) for s in split]
+            assert sorted(i for h in hands for i in h) == sorted(one.rows(step)), (ranks, step)
+            assert [len(h) for h in hands] == [24 // ranks] * ranks
+            owned += sum(i % ranks == r for r, h in enumerate(hands) for i in h)
+        assert owned / (60 * 24) > 0.8, owned
+    assert train.deal([4, 2, 6, 0, 1, 8, 5, 3, 7], 3, 3) == [[6, 0, 3], [4, 1, 7], [2, 8, 5]]
+    assert train.deal([0, 2, 4, 6, 8, 1, 3, 5], 2, 4) == [[0, 2, 4, 6], [1, 3, 5, 8]]  # 8 overflows to rank 1
 
 
 def test_a_task_named_twice_has_its_rows_twice_in_the_warm_up_and_after_it():
