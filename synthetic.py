@@ -227,13 +227,14 @@ def make_synthetic(root="data/synthetic", seed=0, n_train=7000, n_val=800, image
     key = f"v{VERSION}_seed{seed}_train{n_train}_val{n_val}_img{image_size}_frames{n_frames}_count{count_share}"
     out = os.path.join(root, key)
     meta_path = os.path.join(out, "meta.json")
-    os.makedirs(root, exist_ok=True)
-    with open(f"{out}.lock", "w") as lock:
-        # The first process to miss draws the data; the others (the ranks of one machine) wait for it,
-        # then read its copy (every rank drawing it at once would multiply the work by the ranks).
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if not os.path.exists(meta_path):
-            _draw(out, seed, n_train, n_val, image_size, n_frames, count_share)
+    if not os.path.exists(meta_path):  # (a cached copy needs no lock: it may sit in a read-only folder)
+        os.makedirs(root, exist_ok=True)
+        with open(f"{out}.lock", "w") as lock:
+            # The first process to miss draws the data; the others (the ranks of one machine) wait for
+            # it, then read its copy (every rank drawing it at once would multiply the work by the ranks).
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            if not os.path.exists(meta_path):
+                _draw(out, seed, n_train, n_val, image_size, n_frames, count_share)
     with open(meta_path) as f:
         meta = json.load(f)
     return dict(train=os.path.join(out, "train.json"), val=os.path.join(out, "val.json"), image_root=out,
