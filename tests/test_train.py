@@ -415,16 +415,10 @@ def test_ddp_gradients_equal_one_process_whole_batch(tmp_path):
 def test_warm_up_on_data_without_tasks_is_refused_and_public_presets_skip_it():
     import train
 
-    class Rows:  # a dataset whose rows carry no `task` field (real data)
-        def __len__(self):
-            return 64
-
-        def rows_with_task(self, names):
-            return []
     cfg = train.parse_args(["--data=mine.json"])
     with pytest.raises(ValueError, match=r"no training row has a task in curriculum_tasks='count,position,position,shape,shape,caption' "
                                          r"\(rows name it in a 'task' field\); set --curriculum_iters=0"):
-        next(train.step_batches(cfg, Rows(), 0, 0, 1, 0))
+        next(train.step_batches(cfg, Rows([None] * 64), 0, 0, 1, 0))  # rows with no `task` field (real data)
     for name in (p for p in train.TRAIN_PRESETS if not p.startswith("toy")):
         assert train.parse_args([f"--preset={name}"]).curriculum_iters == 0, name
 
@@ -459,22 +453,28 @@ def test_two_processes_starting_together_draw_the_synthetic_data_once(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # no half-drawn copy left behind
 
 
+class Rows:
+    """The part of a VLDataset that StepBatches reads: rows whose `task` fields are `tasks`."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def __len__(self):
+        return len(self.tasks)
+
+    def rows_with_task(self, names):
+        return [i for i, t in enumerate(self.tasks) if t in names]
+
+
 def test_data_parallel_ranks_share_out_the_rows_one_process_draws_and_keep_their_own():
     """Each step, the ranks' rows together are the rows a one-process run of the whole batch draws;
     a row goes back to its own rank (row % ranks) unless that rank's hand is full."""
     tasks = ["count", "colour", "shape"] * 100
-
-    class Rows:
-        def __len__(self):
-            return len(tasks)
-
-        def rows_with_task(self, names):
-            return [i for i, t in enumerate(tasks) if t in names]
     for ranks in (2, 3):
         cfg = train.parse_args(["--curriculum_tasks=count,colour", "--curriculum_iters=4", "--oversample=shape",
                                 f"--batch_size={12 // ranks}", "--grad_accum=2", "--max_iters=60"])
-        one = train.StepBatches(replace(cfg, batch_size=12, grad_accum=2), Rows(), 0, 0, 1)
-        split = [train.StepBatches(cfg, Rows(), 0, r, ranks) for r in range(ranks)]
+        one = train.StepBatches(replace(cfg, batch_size=12, grad_accum=2), Rows(tasks), 0, 0, 1)
+        split = [train.StepBatches(cfg, Rows(tasks), 0, r, ranks) for r in range(ranks)]
         owned = 0
         for step in range(60):  # the warm-up, then epochs of the whole pool
             hands = [s.rows(step) for s in split]
@@ -489,16 +489,9 @@ def test_data_parallel_ranks_share_out_the_rows_one_process_draws_and_keep_their
 def test_a_task_named_twice_has_its_rows_twice_in_the_warm_up_and_after_it():
     from collections import Counter
     tasks = ["compare", "position", "count", "colour"] * 8
-
-    class Rows:
-        def __len__(self):
-            return len(tasks)
-
-        def rows_with_task(self, names):
-            return [i for i, t in enumerate(tasks) if t in names]
     cfg = train.parse_args(["--oversample=compare,compare,position", "--curriculum_tasks=count,colour,colour",
                             "--curriculum_iters=3", "--batch_size=4", "--max_iters=40"])
-    steps = train.StepBatches(cfg, Rows(), 0, 0, 1)
+    steps = train.StepBatches(cfg, Rows(tasks), 0, 0, 1)
     assert Counter(tasks[i] for i in steps.easy) == {"count": 8, "colour": 16}
     assert Counter(tasks[i] for i in steps.everything) == {"compare": 24, "position": 16, "count": 8, "colour": 8}
     assert {tasks[i] for s in range(3) for i in steps.rows(s)} <= {"count", "colour"}  # the warm-up
