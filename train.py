@@ -76,7 +76,10 @@ class Config:
     max_frames: int = 2          # video frames the model sees (the synthetic videos have 4)
     # The warm-up draws from the rows of curriculum_tasks (rows' `task` field), the rest of the run
     # from every row plus the rows of oversample; a task named k times has its rows there k times.
-    curriculum_tasks: str = "count,position,position,shape,shape,caption"
+    # The toy's warm-up is half position rows: a toy that learns count and shape first keeps
+    # position at chance for thousands of steps (seed 1 at 36 px: 22% at step 1,000 with 3 of 8 warm-up
+    # rows position, 98% with 4 of 8); position alone is learnt in 200 steps.
+    curriculum_tasks: str = "position,position,position,position,count,shape,shape,caption"
     curriculum_iters: int = 800  # steps of warm-up
     oversample: str = "compare,compare,position,shape"  # after the warm-up: compare 3x, position and shape 2x
     # model: 'toy' (built here) or an MM_PRESETS name; weights from convert.py output
@@ -91,7 +94,10 @@ class Config:
     lora_alpha: float = 16.0     # the adapters' update is scaled by lora_alpha / lora_r
     lora_targets: str = "all"    # the blocks' Linears that get one: 'all' or names, e.g. q_proj,v_proj
     loss_norm: str = "sample"
-    image_size: int = 32
+    image_size: int = 36
+    patch_size: int = 6          # the toy ViT's patch (a public ViT keeps its checkpoint's): a 6 x 6 grid, 37
+                                 # tokens an image with the CLS; 32 px / patch 4 costs 65 tokens and
+                                 # learns shape slower (seed 1: 93% at 3,000 steps against 99%)
     num_query: int = 16
     # optimisation: AdamW, linear warmup then cosine to min_lr
     batch_size: int = 16         # per rank and microbatch (the toy: 2 processes x 16 = 32 rows a step)
@@ -250,7 +256,7 @@ def sincos_2d(grid, width):
 
 
 def toy_config(cfg, tok):
-    vit = ViTConfig(img_size=cfg.image_size, patch_size=4, width=64, depth=2, n_head=4, mlp_dim=256)
+    vit = ViTConfig(img_size=cfg.image_size, patch_size=cfg.patch_size, width=64, depth=2, n_head=4, mlp_dim=256)
     qformer = QFormerConfig(hidden=64, n_layer=2, n_head=4, ffn=256, num_query=cfg.num_query, encoder_width=64,
                             cross_every=1)
     llm = replace(QwenConfig.preset("tiny"), vocab_size=-(-tok.n_vocab // 64) * 64, n_layer=2, n_embd=64,

@@ -121,7 +121,7 @@ def check_parity(ref, ours):
 # learns first) at 16 px: 100% held-out colour accuracy after 100 steps, ~10 s on one core; shared by
 # test_chat.py and test_serve.py (session scope: trained once per run)
 SYNTHETIC = dict(n_train=800, n_val=160, image_size=16, count_share=1)
-TRAIN_ARGS = ["--n_train=800", "--n_val=160", "--image_size=16", "--count_share=1", "--num_query=4", "--max_len=64", "--max_iters=100",
+TRAIN_ARGS = ["--n_train=800", "--n_val=160", "--image_size=16", "--patch_size=4", "--count_share=1", "--num_query=4", "--max_len=64", "--max_iters=100",
               "--warmup_iters=20", "--curriculum_tasks=colour", "--curriculum_iters=1000000", "--eval_samples=8",
               "--threads=1", "--cpu_processes=1", "--batch_size=32"]
 

@@ -254,7 +254,7 @@ def test_two_nodes_on_one_machine(tmp_path):
     """README's `torchrun --nnodes=2 --node_rank=R --master_addr=HOST ...`: two launchers of one
     process each, the toy in 2 pipeline stages over gloo; both exit 0 and node 0 writes the merged model."""
     port = rehearse.free_port()
-    args = ["--n_train=64", "--n_val=16", "--image_size=16", "--num_query=4", "--max_len=64", "--max_iters=3",
+    args = ["--n_train=64", "--n_val=16", "--image_size=16", "--patch_size=4", "--num_query=4", "--max_len=64", "--max_iters=3",
             "--batch_size=4", "--grad_accum=2", "--warmup_iters=1", "--eval_samples=0", "--num_stages=2",
             f"--synthetic_root={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
