@@ -5,7 +5,7 @@ With no arguments it trains the toy model (the real architecture at tiny sizes) 
 the built-in synthetic dataset on the CPU, evaluates held-out exact-match accuracy per task and
 writes a checkpoint to out/toy/ where `python chat.py` finds it.
 
-    python train.py                                    # the toy: 2 processes x 16 rows, ~7.5 min on 2 cores
+    python train.py                                    # the toy: 2 processes x 16 rows, ~4.5 min on 2 cores
     python train.py --cpu_processes=1 --batch_size=32  # the same rows per step in 1 process
     python train.py --preset=toy-long                  # 10,000 steps
     python train.py --max_iters=2000 --batch_size=8    # any Config field as --key=value
@@ -76,9 +76,8 @@ class Config:
     max_frames: int = 2          # video frames the model sees (the synthetic videos have 4)
     # The warm-up draws from the rows of curriculum_tasks (rows' `task` field), the rest of the run
     # from every row plus the rows of oversample; a task named k times has its rows there k times.
-    # The toy's warm-up is half position rows: a toy that learns count and shape first keeps
-    # position at chance for thousands of steps (seed 1 at 36 px: 22% at step 1,000 with 3 of 8 warm-up
-    # rows position, 98% with 4 of 8); position alone is learnt in 200 steps.
+    # Half the toy's warm-up is position rows: a toy that learns count and shape first can hold
+    # position at chance for thousands of steps (README, "What changed and why")
     curriculum_tasks: str = "position,position,position,position,count,shape,shape,caption"
     curriculum_iters: int = 800  # steps of warm-up
     oversample: str = "compare,compare,position,shape"  # after the warm-up: compare 3x, position and shape 2x
@@ -95,9 +94,7 @@ class Config:
     lora_targets: str = "all"    # the blocks' Linears that get one: 'all' or names, e.g. q_proj,v_proj
     loss_norm: str = "sample"
     image_size: int = 36
-    patch_size: int = 6          # the toy ViT's patch (a public ViT keeps its checkpoint's): a 6 x 6 grid, 37
-                                 # tokens an image with the CLS; 32 px / patch 4 costs 65 tokens and
-                                 # learns shape slower (seed 1: 93% at 3,000 steps against 99%)
+    patch_size: int = 6          # the toy ViT's (a public ViT keeps its own): 6 x 6 patches + CLS = 37 tokens
     num_query: int = 16
     # optimisation: AdamW, linear warmup then cosine to min_lr
     batch_size: int = 16         # per rank and microbatch (the toy: 2 processes x 16 = 32 rows a step)

@@ -416,7 +416,8 @@ def test_warm_up_on_data_without_tasks_is_refused_and_public_presets_skip_it():
     import train
 
     cfg = train.parse_args(["--data=mine.json"])
-    with pytest.raises(ValueError, match=r"no training row has a task in curriculum_tasks='position,position,position,position,count,shape,shape,caption' "
+    with pytest.raises(ValueError, match=r"no training row has a task in curriculum_tasks="
+                                         r"'position,position,position,position,count,shape,shape,caption' "
                                          r"\(rows name it in a 'task' field\); set --curriculum_iters=0"):
         next(train.step_batches(cfg, Rows([None] * 64), 0, 0, 1, 0))  # rows with no `task` field (real data)
     for name in (p for p in train.TRAIN_PRESETS if not p.startswith("toy")):
