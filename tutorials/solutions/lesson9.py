@@ -3,6 +3,8 @@ import torch
 
 
 def top_p_filter(logits, p):
+    if p >= 1.0:  # every token: a float cumsum can reach 1.0 before the last one
+        return logits
     sorted_logits, order = logits.sort(-1, descending=True)
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs          # probability of the more likely tokens
