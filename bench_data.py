@@ -114,8 +114,8 @@ def _write_clip(path, seconds=10, fps=25, size=(640, 360)):
 
 
 def _data_files(d, shape):
-    """({'image': json, 'video': json}, image_root, overrides) for the toy (synthetic 36 px images and
-    4-frame videos) or the rehearsal shape (640x480 JPEGs seen at 224 px, 10 s 640x360 x264 clips at 32 frames)."""
+    """({'image': json, 'video': json}, image_root, overrides) for the toy (synthetic images at the
+    default toy's size, 4-frame videos) or the rehearsal shape (640x480 JPEGs seen at 224 px, 10 s 640x360 x264 clips at 32 frames)."""
     import json
     import os
     import numpy as np
@@ -123,10 +123,11 @@ def _data_files(d, shape):
     from formats import IMAGE_PLACEHOLDER as PH
     if shape == "toy":
         from synthetic import make_synthetic
-        s = make_synthetic(os.path.join(d, "syn"), 0, 400, 0, 36)
+        from train import Config
+        s = make_synthetic(os.path.join(d, "syn"), 0, 400, 0, Config.image_size)  # the default toy's images
         rows = json.load(open(s["train"]))
         split = {"image": [r for r in rows if "image" in r], "video": [r for r in rows if "video" in r]}
-        root, over = s["image_root"], dict(image_size=36, max_frames=2, batch_size=32)
+        root, over = s["image_root"], dict(max_frames=2, batch_size=32)
     else:
         root, rng = d, np.random.default_rng(0)
         for k in range(16):
